@@ -1,0 +1,130 @@
+"""The SAM-family methods: each is the list of groups it hands to the engine (algorithms.md §1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ltsam.counts import CountsLike, load_class_counts
+from ltsam.optim.engine import Group, SAMFamily, check_targets
+
+
+class SAM(SAMFamily):
+    """SAM (Foret et al., 2021); ``adaptive=True`` gives ASAM (Kwon et al., 2021), whose rho is ~10x larger."""
+
+    needs_targets = False
+
+    def __init__(self, params, rho: float = 0.05, adaptive: bool = False, **kwargs) -> None:
+        _check_radius(rho=rho)
+        super().__init__(params, adaptive=adaptive, **kwargs)
+        self.rho = rho
+        self.defaults.update(rho=rho)
+
+    def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
+        return [Group(None, torch.full((batch_size,), 1.0 / batch_size, device=device), self.rho)]
+
+
+class _ClassAware(SAMFamily):
+    """A method that reads per-class training counts (a list or a JSON file)."""
+
+    def __init__(self, params, class_counts: CountsLike | None = None, **kwargs) -> None:
+        if class_counts is None:
+            raise ValueError(
+                f"{type(self).__name__} needs class_counts: a list of per-class training counts or a JSON "
+                "file of them (`ltsam.counts.save_class_counts`), e.g. --opt-kwargs class_counts=counts.json"
+            )
+        super().__init__(params, **kwargs)
+        self.class_counts = load_class_counts(class_counts)
+        self.num_classes = len(self.class_counts)
+
+    def _class_table(self, values: list[float] | Tensor, targets: Tensor) -> Tensor:
+        """Per-sample value of a per-class table, after checking the labels against it."""
+        check_targets(targets, self.num_classes)
+        table = torch.as_tensor(values, dtype=torch.float32, device=targets.device)
+        return table[targets]
+
+    def _tail(self, eta: float, targets: Tensor) -> Tensor:
+        return self._class_table([float(c < eta) for c in self.class_counts], targets)
+
+
+class ImbSAM(_ClassAware):
+    """ImbSAM (Zhou et al., ICCV 2023): SAM on the tail classes only, head trained at w.
+
+    G = grad L_head(w) + tail_weight * grad L_tail(w + eps_tail); both losses are sums over their samples
+    divided by the full batch size, and ``tail_weight`` defaults to 2 as in the official code.
+    """
+
+    perturb_eps = 1e-16
+
+    def __init__(self, params, class_counts: CountsLike | None = None, rho: float = 0.05, eta: float = 20,
+                 tail_weight: float = 2.0, **kwargs) -> None:
+        _check_radius(rho=rho)
+        super().__init__(params, class_counts=class_counts, **kwargs)
+        self.rho, self.eta, self.tail_weight = rho, eta, tail_weight
+        self.defaults.update(rho=rho, eta=eta, tail_weight=tail_weight)
+
+    def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
+        tail = self._tail(self.eta, targets) / batch_size
+        return [Group(1.0 / batch_size - tail, self.tail_weight * tail, self.rho)]
+
+
+class SSESAM(_ClassAware):
+    """SSE-SAM (AAAI 2025): head and tail each perturbed with their own radius.
+
+    Stage 1 perturbs both groups; after ``gamma`` of the ``epochs`` the head radius drops to 0 (stage 2),
+    which equals ImbSAM with tail weight 1. The tail is the classes with fewer than ``eta`` samples.
+    """
+
+    perturb_eps = 1e-16
+
+    def __init__(self, params, class_counts: CountsLike | None = None, head_rho: float = 0.05,
+                 tail_rho: float = 0.1, gamma: float = 0.7, eta: float = 100, epochs: int | None = None,
+                 **kwargs) -> None:
+        _check_radius(head_rho=head_rho, tail_rho=tail_rho)
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"SSESAM gamma={gamma} is the fraction of training in stage 1; it must lie in [0, 1]")
+        super().__init__(params, class_counts=class_counts, epochs=epochs, **kwargs)
+        self.head_rho, self.tail_rho, self.gamma, self.eta = head_rho, tail_rho, gamma, eta
+        self.defaults.update(head_rho=head_rho, tail_rho=tail_rho, gamma=gamma, eta=eta)
+
+    @property
+    def stage(self) -> int:
+        """1 while the head is perturbed, 2 once ``epoch >= gamma * epochs`` (the official switch)."""
+        if self.epochs is None:
+            raise RuntimeError(
+                "SSESAM needs epochs=<total training epochs> to know when stage 2 starts "
+                "(pass it to the constructor or --opt-kwargs epochs=N, or set opt.epochs)"
+            )
+        return 2 if self.epoch >= self.gamma * self.epochs else 1
+
+    def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
+        tail = self._tail(self.eta, targets) / batch_size
+        head_rho = self.head_rho if self.stage == 1 else 0.0
+        return [Group(None, 1.0 / batch_size - tail, head_rho), Group(None, tail, self.tail_rho)]
+
+
+class FocalSAM(_ClassAware):
+    """Focal-SAM (ICML 2025): per-sample sharpness weight c_y = lam * (1 - pi_y) ** gamma.
+
+    G = grad[L - L_c](w) + grad L_c(w + eps) with L_c = sum_j c_{y_j} l_j / B and eps along grad L_c.
+    Defaults are the paper's CIFAR-10-LT setting (rho 0.2, gamma 3.0, lam 0.5).
+    """
+
+    def __init__(self, params, class_counts: CountsLike | None = None, rho: float = 0.2, gamma: float = 3.0,
+                 lam: float = 0.5, **kwargs) -> None:
+        _check_radius(rho=rho)
+        super().__init__(params, class_counts=class_counts, **kwargs)
+        self.rho, self.gamma, self.lam = rho, gamma, lam
+        self.defaults.update(rho=rho, gamma=gamma, lam=lam)
+        total = sum(self.class_counts)
+        self.sharpness_weights = [lam * (1.0 - n / total) ** gamma for n in self.class_counts]
+
+    def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
+        c = self._class_table(self.sharpness_weights, targets) / batch_size
+        return [Group(1.0 / batch_size - c, c, self.rho)]
+
+
+def _check_radius(**radii: float) -> None:
+    for name, value in radii.items():
+        if not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name}={value!r} must be a number >= 0 (the perturbation radius)")
