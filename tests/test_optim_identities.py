@@ -152,7 +152,7 @@ def test_pass_budget(name, kwargs, epoch, forwards, backwards):
 
 
 def test_subset_forward_without_batchnorm_is_exact_and_smaller():
-    """GroupNorm does not couple samples: the tail pass forwards only the tail, with the same update."""
+    """GroupNorm does not couple samples: every pass forwards only its group's samples, same update."""
     torch.manual_seed(0)
     a = conv_gn_net()
     b = copy.deepcopy(a)
@@ -162,7 +162,22 @@ def test_subset_forward_without_batchnorm_is_exact_and_smaller():
     train(b, "ssesam", steps=3, subset_forward=False, **kw)
     assert_params_close(params_of(a), params_of(b), tol=1e-6)
     tails = [int((y >= 6).sum()) for _, y in batches(3)]
-    assert counter.samples == [n for t in tails for n in (16, 16 - t, t)]
+    # per step: head and tail at w (perturbation directions), then head and tail at their perturbed weights
+    assert counter.samples == [n for t in tails for n in (16 - t, t, 16 - t, t)]
+
+
+@pytest.mark.parametrize("name,kwargs,epoch", [
+    ("imbsam", dict(rho=0.1, eta=20), 0),
+    ("ssesam", dict(head_rho=0.05, tail_rho=0.1, eta=20, gamma=0.5, epochs=2), 1),
+    ("focalsam", dict(rho=0.2), 0),
+])
+def test_subset_forward_is_exact_for_every_method(name, kwargs, epoch):
+    torch.manual_seed(0)
+    a = conv_gn_net()
+    b = copy.deepcopy(a)
+    train(a, name, steps=3, epoch=epoch, class_counts=CLASS_COUNTS, **kwargs)
+    train(b, name, steps=3, epoch=epoch, class_counts=CLASS_COUNTS, subset_forward=False, **kwargs)
+    assert_params_close(params_of(a), params_of(b), tol=1e-6)
 
 
 def test_frozen_bn_mode_updates_buffers_once_per_step():

@@ -178,42 +178,32 @@ class SAMFamily(torch.optim.Optimizer):
             scale = float(scaler.scale(torch.ones((), device=params[0].device)))
         bn_layers = [m for m in self._model.modules() if isinstance(m, _BatchNorm) and m.training]
         coupled = bool(bn_layers) if self.subset_forward is None else not self.subset_forward
+        replay = bn_layers if self.bn_mode == "reference" and coupled else []
 
-        replay = bn_layers if self.bn_mode == "reference" else []
-        groups = active = None
-        if targets is not None:  # the groups follow from the labels alone: decide before the forward
+        first = None
+        if targets is None:  # no labels (plain SAM): the batch size comes from the first forward
+            with torch.enable_grad():
+                first = self._forward(closure, None, record=replay)
+            groups = self.groups(None, first.shape[0], first.device)
+        else:  # the groups follow from the labels alone: decide before any forward
             groups = self.groups(targets, targets.shape[0], targets.device)
-            active = self._active(groups, targets.device)
-            if len(groups) == 1 and all(active):
-                replay = []  # the official schedule has no forward to replay: skip recording statistics
-        with torch.enable_grad():
-            losses = self._forward(closure, None, record=replay)
-        batch = losses.shape[0]
-        if groups is None:
-            groups = self.groups(targets, batch, losses.device)
-            active = self._active(groups, losses.device)
-        elif batch != targets.shape[0]:
-            raise ValueError(f"the closure returned {batch} losses for {targets.shape[0]} targets")
+        active = self._active(groups, groups[0].perturbed.device)
+        if len(groups) == 1 and all(active):
+            replay = []  # the official schedule has no forward at w to replay: record no statistics
 
-        # at w: one VJP per perturbation direction, and one for every un-perturbed term together
+        # at w: one gradient per perturbation direction, and one for every un-perturbed term together
         # (each ``a``, plus the ``b`` of groups that need no perturbed pass)
-        flat = torch.zeros(batch, device=losses.device)
-        for group, is_active in zip(groups, active):
-            if group.unperturbed is not None:
-                flat += group.unperturbed
-            if not is_active:
-                flat += group.perturbed
+        flat = sum(g.unperturbed for g in groups if g.unperturbed is not None) + sum(
+            g.perturbed for g, is_active in zip(groups, active) if not is_active
+        )
         weightings = [g.perturbed for g, is_active in zip(groups, active) if is_active]
-        if flat.any():
+        has_flat = isinstance(flat, Tensor) and bool(flat.any())
+        if has_flat:
             weightings.append(flat)
-        grads_at_w = [
-            self._vjp(losses, w, params, scale, keep=i + 1 < len(weightings)) for i, w in enumerate(weightings)
-        ]
-        total = grads_at_w.pop() if flat.any() else _zeros(params)
+        grads_at_w, loss_value = self._grads_at_w(closure, first, weightings, params, scale, not coupled, replay)
+        total = grads_at_w.pop() if has_flat else _zeros(params)
         directions = iter(grads_at_w)
         self._sync(total)
-        loss_value = losses.detach().float().mean()
-        del losses
 
         backup = [p.detach().clone() for p in params] if any(active) else []
         for index, (group, is_active) in enumerate(zip(groups, active)):
@@ -244,6 +234,36 @@ class SAMFamily(torch.optim.Optimizer):
         return loss_value
 
     # -- pieces of the step ----------------------------------------------------------------------------
+    def _grads_at_w(self, closure, losses, weightings, params, scale, split, record) -> tuple[list, Tensor]:
+        """Gradients of each weighted loss at w, and the batch's mean loss.
+
+        With batch coupling: one full-batch forward and one VJP per weighting on its graph. Without it, and
+        when the weightings cover disjoint samples (ImbSAM's and SSE-SAM's head and tail), each weighting
+        forwards only its own samples, so the pass at w costs what one plain forward and backward costs.
+        """
+        supports = [w != 0 for w in weightings]
+        disjoint = split and bool(weightings) and not bool((torch.stack(supports).sum(0) > 1).any())
+        if not disjoint:
+            if losses is None:
+                with torch.enable_grad():
+                    losses = self._forward(closure, None, record=record)
+            if weightings and losses.shape[0] != weightings[0].shape[0]:
+                raise ValueError(f"the closure returned {losses.shape[0]} losses for {weightings[0].shape[0]} targets")
+            last = len(weightings) - 1
+            grads = [self._vjp(losses, w, params, scale, keep=i < last) for i, w in enumerate(weightings)]
+            return grads, losses.detach().float().mean()
+        grads, loss_sum, seen = [], 0.0, 0
+        for weights, support in zip(weightings, supports):
+            index = support.nonzero().squeeze(1)
+            if index.numel() == 0:  # another rank holds this weighting's samples
+                grads.append(_zeros(params))
+                continue
+            with torch.enable_grad():
+                part = self._forward(closure, index)
+            grads.append(self._vjp(part, weights[index], params, scale, keep=False))
+            loss_sum, seen = loss_sum + part.detach().float().sum(), seen + index.numel()
+        return grads, loss_sum / max(seen, 1)
+
     def _forward(self, closure: LossClosure, index: Tensor | None, record=()) -> Tensor:
         hooks = [m.register_forward_hook(_record_batch_stats) for m in record]
         try:
@@ -251,6 +271,9 @@ class SAMFamily(torch.optim.Optimizer):
         finally:
             for hook in hooks:
                 hook.remove()
+        expected = None if index is None else index.numel()
+        if losses.dim() == 1 and expected is not None and losses.shape[0] != expected:
+            raise ValueError(f"the closure returned {losses.shape[0]} losses for a subset of {expected} samples")
         if losses.dim() != 1:
             raise ValueError(
                 f"the closure returned a loss of shape {tuple(losses.shape)}; SAM-family optimizers need "
