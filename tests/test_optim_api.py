@@ -190,3 +190,21 @@ def test_bf16_autocast_closure_trains():
     losses = [float(opt.step(closure, targets=y)) for _ in range(5)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < losses[0]
+
+
+def test_sam_gradient_applied_through_a_surrogate_backward_equals_step():
+    """The DeepSpeed path: G from sam_gradient(), handed over as the gradient of sum(p * G)."""
+    torch.manual_seed(0)
+    a = conv_bn_net()
+    b = copy.deepcopy(a)
+    kw = dict(opt="ssesam", lr=0.05, class_counts=CLASS_COUNTS, eta=20, epochs=10)
+    opt_a = timm.optim.create_optimizer_v2(a, **kw).attach(a)
+    opt_b = timm.optim.create_optimizer_v2(b, **kw).attach(b)
+    for x, y in batches(3):
+        opt_a.step(closure_for(a, x, y), targets=y)
+        params, grads, _ = opt_b.sam_gradient(closure_for(b, x, y), targets=y)
+        opt_b.zero_grad()
+        sum((p * g).sum() for p, g in zip(params, grads)).backward()
+        opt_b.base_optimizer.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)

@@ -158,6 +158,30 @@ class SAMFamily(torch.optim.Optimizer):
         the summed gradient is unscaled once by ``scaler.step`` and a step with inf/NaN is skipped (and
         counted in ``skipped_steps``); the engine also calls ``scaler.update()``.
         """
+        params, total, loss_value = self.sam_gradient(closure, targets, scaler)
+        for p, g in zip(params, total):
+            p.grad = g.to(p.dtype)
+        if scaler is not None and scaler.is_enabled():
+            if not torch.stack(torch._foreach_norm(total)).isfinite().all():
+                self.skipped_steps += 1
+            scaler.step(self.base_optimizer)
+            scaler.update()
+        else:
+            self.base_optimizer.step()
+        return loss_value
+
+    @torch.no_grad()
+    def sam_gradient(
+        self,
+        closure: LossClosure | None,
+        targets: Tensor | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """The method's update direction G for every trainable parameter, without stepping.
+
+        Returns (params, G, mean loss). ``step()`` applies G with the base optimizer; a trainer that owns
+        the update (DeepSpeed's engine) applies it itself, e.g. by back-propagating sum(p * G).
+        """
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that returns per-sample losses, e.g. "
@@ -221,17 +245,7 @@ class SAMFamily(torch.optim.Optimizer):
             torch._foreach_copy_(params, backup)
         for m in bn_layers:
             m.__dict__.pop("_ltsam_stats", None)
-
-        for p, g in zip(params, total):
-            p.grad = g.to(p.dtype)
-        if scaler is not None and scaler.is_enabled():
-            if not torch.stack(torch._foreach_norm(total)).isfinite().all():
-                self.skipped_steps += 1
-            scaler.step(self.base_optimizer)
-            scaler.update()
-        else:
-            self.base_optimizer.step()
-        return loss_value
+        return params, total, loss_value
 
     # -- pieces of the step ----------------------------------------------------------------------------
     def _grads_at_w(self, closure, losses, weightings, params, scale, split, record) -> tuple[list, Tensor]:
