@@ -1,0 +1,552 @@
+"""Write long-tailed image data sets as webdataset tar shards, and verify them.
+
+A split written to ``out_dir`` consists of:
+
+* ``{split}-{i:06d}.tar`` shards: one ``KEY.{jpg,png,webp}`` image (the source bytes, not re-encoded unless
+  asked; arrays become PNG) and one ``KEY.cls`` ASCII label per sample;
+* ``_info.json``: timm's webdataset split description (``--dataset wds/NAME --data-dir out_dir``), plus per
+  shard its frequency bucket, class histogram and content digest (``shard_buckets``, ``shard_class_hist``,
+  ``shard_digests``) and the split's ``class_counts``;
+* ``{split}_class_counts.json``: per-class counts (:func:`ltsam.counts.save_class_counts`);
+* ``{split}_wids.json``: a ``wids`` index (with each shard's labels) for random access.
+
+Grouping shards by log2 bucket of the class count lets a stream re-balance by mixing buckets without reading
+every class's shard (see :mod:`ltsam.data.stream`). Writing is one shard per process task; each shard goes to
+a temporary name first and is renamed when complete, and a journal records finished shards, so an interrupted
+write resumes without rewriting them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ltsam.counts import save_class_counts
+
+# (key, image, label): image is a file path, encoded bytes, an HxW[xC] uint8 array or a PIL image
+Record = tuple[str, "str | os.PathLike | bytes | np.ndarray | Image.Image", int]
+
+INFO_NAME = "_info.json"
+IMAGE_EXTS = ("jpg", "png", "webp")
+_SUFFIX_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+_SAVE_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def class_bucket(count: int) -> int:
+    """log2 bucket of a class count: 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ... (counts within 2x share one)."""
+    return max(0, math.ceil(math.log2(count))) if count > 0 else -1
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def counts_name(split: str) -> str:
+    return f"{split}_class_counts.json"
+
+
+def wids_name(split: str) -> str:
+    return f"{split}_wids.json"
+
+
+def load_info(root: str | os.PathLike) -> dict:
+    path = Path(root) / INFO_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def records_from_samples(
+    samples: Iterable[tuple[str, int]], root: str | os.PathLike | None = None
+) -> list[Record]:
+    """Records from ``(path, label)`` pairs (the ``samples`` of a map-style data set); keys are the paths
+    relative to ``root`` without their suffix, so they stay unique and readable."""
+    out = []
+    for path, label in samples:
+        full = Path(root, path) if root is not None else Path(path)
+        rel = Path(os.path.relpath(full, root)) if root is not None else Path(path)
+        out.append((rel.with_suffix("").as_posix(), full, int(label)))
+    return out
+
+
+def records_from_arrays(images: np.ndarray, labels: Sequence[int], prefix: str = "") -> list[Record]:
+    """Records from an image array (N, H, W[, C]) such as CIFAR-LT; written as PNG."""
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    return [(f"{prefix}{i:07d}", images[i], int(y)) for i, y in enumerate(labels)]
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to write: everything a worker process needs, and the digest that identifies its content."""
+
+    path: str
+    records: list[Record]
+    reencode: str | None
+    digest: str
+
+
+def _sample_key(key: str) -> str:
+    # webdataset splits the member name at the first dot of its base name, so keys must not contain one
+    return key.replace(".", "_")
+
+
+def _sniff_ext(data: bytes) -> str | None:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _encode_pil(img: Image.Image, ext: str) -> bytes:
+    buf = io.BytesIO()
+    if ext == "jpg" and img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    img.save(buf, format=_SAVE_FORMAT[ext], **({"quality": 95} if ext != "png" else {}))
+    return buf.getvalue()
+
+
+def encode_image(image, reencode: str | None = None) -> tuple[str, bytes]:
+    """Return (extension, bytes): encoded sources pass through untouched, arrays and PIL images become PNG."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        return (reencode or "png"), _encode_pil(image, reencode or "png")
+    if isinstance(image, (str, os.PathLike)):
+        data = Path(image).read_bytes()
+        ext = _SUFFIX_EXT.get(Path(image).suffix.lower()) or _sniff_ext(data)
+    else:
+        data = bytes(image)
+        ext = _sniff_ext(data)
+    if reencode is not None and reencode != ext or ext is None:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            ext = reencode or "png"
+            data = _encode_pil(img, ext)
+    return ext, data
+
+
+def _write_shard(task: ShardTask) -> tuple[str, int, dict[int, int]]:
+    """Write one shard under a temporary name and rename it when complete (the rename marks it finished)."""
+    tmp = task.path + ".tmp"
+    hist: Counter[int] = Counter()
+    # an integer mtime keeps tarfile from adding a PAX header to every member (twice the parsing when read)
+    # and makes shards byte-identical across rewrites
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:
+        for key, image, label in task.records:
+            ext, data = encode_image(image, task.reencode)
+            sink.write({"__key__": _sample_key(key), ext: data, "cls": int(label)})
+            hist[int(label)] += 1
+    os.replace(tmp, task.path)
+    return Path(task.path).name, sum(hist.values()), dict(hist)
+
+
+def _digest(records: Sequence[Record], reencode: str | None) -> str:
+    h = hashlib.sha1(f"{reencode}\n".encode())
+    for key, image, label in records:
+        src = os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
+        h.update(f"{key}\t{src}\t{label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def plan_shards(
+    labels: np.ndarray,
+    counts: Sequence[int],
+    *,
+    maxcount: int,
+    group_by: str,
+    min_shards_per_group: int,
+    seed: int,
+) -> list[tuple[int, np.ndarray]]:
+    """Split record indices into shards: (bucket, indices) per shard, shuffled within each bucket.
+
+    Shards of a bucket have equal sizes (within one), so shard-level resampling draws classes in proportion to
+    their counts.
+    """
+    if group_by not in ("none", "log2"):
+        raise ValueError(f"group_by must be 'none' or 'log2', got {group_by!r}")
+    rng = np.random.default_rng(seed)
+    buckets = np.array(
+        [class_bucket(int(counts[y])) if group_by == "log2" else 0 for y in labels], dtype=np.int64
+    )
+    plan = []
+    for bucket in np.unique(buckets):
+        idx = rng.permutation(np.flatnonzero(buckets == bucket))
+        nshards = min(len(idx), max(min_shards_per_group, math.ceil(len(idx) / maxcount)))
+        plan.extend((int(bucket), part) for part in np.array_split(idx, nshards))
+    return plan
+
+
+def _journal_entries(path: Path) -> dict[str, dict]:
+    """Finished shards recorded by an interrupted run; a torn last line is ignored."""
+    entries = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            entries[entry["name"]] = entry
+    return entries
+
+
+def write_shards(
+    records: Iterable[Record],
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "train",
+    name: str | None = None,
+    maxcount: int = 1000,
+    group_by: str = "log2",
+    min_shards_per_group: int = 1,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    reencode: str | None = None,
+    num_workers: int = 1,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict:
+    """Write ``records`` as shards of ``split`` in ``out_dir`` and return the split's entry of ``_info.json``.
+
+    ``group_by='log2'`` puts classes whose counts share a log2 bucket into the same shards; use
+    ``min_shards_per_group >= ranks x workers`` so every bucket can be split without resampling. Finished
+    shards of an earlier, interrupted call with the same records are kept.
+    """
+    if reencode is not None and reencode not in IMAGE_EXTS:
+        raise ValueError(f"reencode must be one of {IMAGE_EXTS} or None, got {reencode!r}")
+    records = list(records)
+    if not records:
+        raise ValueError("no records to write")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = np.array([r[2] for r in records], dtype=np.int64)
+    if labels.min() < 0:
+        raise ValueError(f"labels must be >= 0, got {labels.min()}")
+    num_classes = num_classes or (len(class_names) if class_names else int(labels.max()) + 1)
+    if labels.max() >= num_classes:
+        raise ValueError(f"label {labels.max()} is out of range for {num_classes} classes")
+    counts = np.bincount(labels, minlength=num_classes).tolist()
+
+    plan = plan_shards(
+        labels,
+        counts,
+        maxcount=maxcount,
+        group_by=group_by,
+        min_shards_per_group=min_shards_per_group,
+        seed=seed,
+    )
+    tasks = []
+    for i, (_, idx) in enumerate(plan):
+        shard_records = [records[j] for j in idx]
+        tasks.append(
+            ShardTask(
+                str(out / shard_name(split, i)), shard_records, reencode, _digest(shard_records, reencode)
+            )
+        )
+
+    journal = out / f".{split}_journal.jsonl"
+    done = _journal_entries(journal)
+    previous = load_info(out).get("splits", {}).get(split, {})
+    for fname, n, hist, digest in zip(
+        previous.get("filenames", []),
+        previous.get("shard_lengths", []),
+        previous.get("shard_class_hist", []),
+        previous.get("shard_digests", []),
+    ):
+        done.setdefault(fname, {"name": fname, "count": n, "hist": hist, "digest": digest})
+    results: dict[str, tuple[int, dict]] = {}
+    todo = []
+    for task in tasks:
+        fname = Path(task.path).name
+        entry = done.get(fname)
+        if (
+            entry is not None
+            and Path(task.path).is_file()
+            and entry["digest"] == task.digest
+            and entry["count"] == len(task.records)
+        ):
+            results[fname] = (entry["count"], {int(k): v for k, v in entry["hist"].items()})
+        else:
+            todo.append(task)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with (
+        Progress(*columns, disable=not show_progress, transient=False) as progress,
+        open(journal, "a") as log,
+    ):
+        bar = progress.add_task(f"writing {split} shards", total=len(tasks), completed=len(tasks) - len(todo))
+
+        def finished(result: tuple[str, int, dict[int, int]], digest: str) -> None:
+            fname, n, hist = result
+            results[fname] = (n, hist)
+            log.write(json.dumps({"name": fname, "count": n, "hist": hist, "digest": digest}) + "\n")
+            log.flush()
+            progress.advance(bar)
+
+        if num_workers <= 1:
+            for task in todo:
+                finished(_write_shard(task), task.digest)
+        else:
+            with ProcessPoolExecutor(num_workers) as pool:
+                for task, result in zip(todo, pool.map(_write_shard, todo)):
+                    finished(result, task.digest)
+
+    names = [Path(t.path).name for t in tasks]
+    entry = {
+        "name": split,
+        "num_samples": len(records),
+        "filenames": names,
+        "shard_lengths": [results[n][0] for n in names],
+        "group_by": group_by,
+        "shard_buckets": [bucket for bucket, _ in plan],
+        "shard_class_hist": [{str(k): v for k, v in sorted(results[n][1].items())} for n in names],
+        "shard_digests": [t.digest for t in tasks],
+        "num_classes": num_classes,
+        "class_counts": counts,
+    }
+    if class_names:
+        entry["class_names"] = list(class_names)
+    _write_metadata(
+        out, split, name or out.name, entry, [r[2] for r in (records[j] for _, idx in plan for j in idx)]
+    )
+    journal.unlink()
+    for stale in set(previous.get("filenames", [])) - set(names):
+        (out / stale).unlink(missing_ok=True)
+    return entry
+
+
+def _write_metadata(out: Path, split: str, name: str, entry: dict, ordered_labels: list[int]) -> None:
+    """_info.json (merged with other splits), the counts file and the wids index, each replaced atomically."""
+    info = load_info(out)
+    info["name"] = name
+    info.setdefault("splits", {})[split] = entry
+    _replace_json(out / INFO_NAME, info)
+    extra = {"class_names": entry["class_names"]} if "class_names" in entry else {}
+    save_class_counts(entry["class_counts"], out / counts_name(split), split=split, **extra)
+    shardlist, start = [], 0
+    for fname, n in zip(entry["filenames"], entry["shard_lengths"]):
+        shardlist.append({"url": fname, "nsamples": n, "labels": ordered_labels[start : start + n]})
+        start += n
+    _replace_json(
+        out / wids_name(split), {"wids_version": 1, "name": f"{name}-{split}", "shardlist": shardlist}
+    )
+
+
+def _replace_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- verify
+
+
+def _count_shard(path: str) -> tuple[int, dict[int, int], str | None]:
+    """Re-read one shard: (samples, label histogram, error or None)."""
+    hist: Counter[int] = Counter()
+    n = 0
+    try:
+        for sample in wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()):
+            n += 1
+            if not any(ext in sample for ext in (*IMAGE_EXTS, "jpeg")):
+                return n, dict(hist), f"sample {sample['__key__']} has no image"
+            hist[int(sample["cls"])] += 1
+    except Exception as err:  # a truncated or garbled tar: reported, not raised
+        return n, dict(hist), f"unreadable ({type(err).__name__}: {err})"
+    return n, dict(hist), None
+
+
+def verify(root: str | os.PathLike, split: str | None = None, num_workers: int = 1) -> list[str]:
+    """Re-count every shard's samples and labels against ``_info.json``; return one line per mismatch."""
+    root = Path(root)
+    info = load_info(root)
+    splits = info.get("splits", {})
+    if not splits:
+        return [f"{root / INFO_NAME}: missing or has no splits"]
+    names = [split] if split else list(splits)
+    problems = []
+    for name in names:
+        if name not in splits:
+            return [f"split {name!r} not in {root / INFO_NAME} (has {sorted(splits)})"]
+        entry = splits[name]
+        paths = [str(root / f) for f in entry["filenames"]]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        problems += [f"{p}: missing" for p in missing]
+        present = [p for p in paths if p not in missing]
+        mapper: Callable = map
+        pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
+        if pool is not None:
+            mapper = pool.map
+        try:
+            counted = dict(zip(present, mapper(_count_shard, present)))
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        totals: Counter[int] = Counter()
+        for path, n_expected, hist_expected in zip(paths, entry["shard_lengths"], entry["shard_class_hist"]):
+            if path not in counted:
+                continue
+            n, hist, error = counted[path]
+            totals.update(hist)
+            if error:
+                problems.append(f"{path}: {error}")
+            if n != n_expected:
+                problems.append(f"{path}: {n} samples, metadata says {n_expected}")
+            expected = {int(k): v for k, v in hist_expected.items()}
+            if hist != expected:
+                diff = {
+                    c: (hist.get(c, 0), expected.get(c, 0))
+                    for c in set(hist) | set(expected)
+                    if hist.get(c, 0) != expected.get(c, 0)
+                }
+                problems.append(
+                    f"{path}: label counts differ (class: (found, expected)) {dict(sorted(diff.items()))}"
+                )
+        if sum(entry["shard_lengths"]) != entry["num_samples"]:
+            problems.append(
+                f"split {name}: shard lengths sum to {sum(entry['shard_lengths'])}, "
+                f"num_samples says {entry['num_samples']}"
+            )
+        if not missing:
+            counts = [totals.get(c, 0) for c in range(len(entry["class_counts"]))]
+            if counts != entry["class_counts"]:
+                problems.append(f"split {name}: label totals differ from class_counts")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def records_from_list(list_file: str | os.PathLike, root: str | os.PathLike) -> list[Record]:
+    """ImageNet-LT / iNat ``path label`` list file, paths relative to ``root``."""
+    pairs = [line.rsplit(maxsplit=1) for line in Path(list_file).read_text().splitlines() if line.strip()]
+    return records_from_samples(((path, int(label)) for path, label in pairs), root)
+
+
+def records_from_inat(
+    json_file: str | os.PathLike, root: str | os.PathLike
+) -> tuple[list[Record], list[str]]:
+    """iNaturalist-2018 COCO-style JSON: labels are ``category_id`` (names kept in the metadata)."""
+    data = json.loads(Path(json_file).read_text())
+    files = {img["id"]: img["file_name"] for img in data["images"]}
+    cats = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
+    names = [cats.get(i, str(i)) for i in range(max(cats) + 1)]
+    return records_from_samples(
+        ((files[a["image_id"]], a["category_id"]) for a in data["annotations"]), root
+    ), names
+
+
+def records_from_folder(root: str | os.PathLike) -> tuple[list[Record], list[str]]:
+    """ImageFolder layout, classes in sorted folder order (torchvision's rules)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    classes, class_to_idx = find_classes(os.fspath(root))
+    return records_from_samples(make_dataset(os.fspath(root), class_to_idx, IMG_EXTENSIONS), root), classes
+
+
+def _records_from_args(args: argparse.Namespace) -> tuple[list[Record], list[str] | None]:
+    if args.list:
+        return records_from_list(args.list, args.root), None
+    if args.inat:
+        return records_from_inat(args.inat, args.root)
+    if args.folder:
+        return records_from_folder(args.folder)
+    images_key, labels_key = args.npz_keys.split(",")
+    with np.load(args.npz) as arrays:
+        return records_from_arrays(arrays[images_key], arrays[labels_key]), None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ltsam.data.shards", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    write = sub.add_parser("write", help="write shards from a list file, iNat JSON, image folder or arrays")
+    src = write.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--list", help="'path label' list file (ImageNet-LT, iNat list files); paths under --root"
+    )
+    src.add_argument("--inat", help="iNaturalist-2018 COCO-style JSON (train2018.json); paths under --root")
+    src.add_argument("--folder", help="ImageFolder root (one sub-folder per class)")
+    src.add_argument("--npz", help=".npz with image and label arrays (CIFAR-LT)")
+    write.add_argument("--root", default=".", help="image root for --list/--inat")
+    write.add_argument(
+        "--npz-keys", default="images,labels", help="array names in --npz (default: images,labels)"
+    )
+    write.add_argument("--out", required=True, help="output directory")
+    write.add_argument("--split", default="train")
+    write.add_argument(
+        "--name", default=None, help="data set name in _info.json (default: output folder name)"
+    )
+    write.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
+    write.add_argument(
+        "--group-by",
+        choices=("log2", "none"),
+        default="log2",
+        help="group shards by log2 bucket of the class count (default) or not",
+    )
+    write.add_argument(
+        "--min-shards-per-group",
+        type=int,
+        default=1,
+        help="at least this many shards per bucket (ranks x workers lets each be split)",
+    )
+    write.add_argument("--num-classes", type=int, default=None)
+    write.add_argument(
+        "--reencode", choices=IMAGE_EXTS, default=None, help="re-encode images (default: keep bytes)"
+    )
+    write.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    write.add_argument("--seed", type=int, default=0)
+    check = sub.add_parser("verify", help="re-count samples and labels against _info.json")
+    check.add_argument("root")
+    check.add_argument("--split", default=None)
+    check.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+
+    if args.command == "verify":
+        problems = verify(args.root, args.split, args.workers)
+        for line in problems:
+            print(line, file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {args.root}")
+        return 1 if problems else 0
+    records, class_names = _records_from_args(args)
+    entry = write_shards(
+        records,
+        args.out,
+        split=args.split,
+        name=args.name,
+        maxcount=args.maxcount,
+        group_by=args.group_by,
+        min_shards_per_group=args.min_shards_per_group,
+        num_classes=args.num_classes,
+        class_names=class_names,
+        reencode=args.reencode,
+        num_workers=args.workers,
+        seed=args.seed,
+    )
+    print(f"wrote {entry['num_samples']} samples in {len(entry['filenames'])} shards to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
