@@ -1,0 +1,78 @@
+"""`kind: slurm`: an sbatch script whose srun starts torchrun or deepspeed once on every node.
+
+Values only known inside the job (node count, job id, head node, node id) are written as `${NAME}` and
+expanded by the shell on each node; so is any `${NAME}` a recipe wrote as `$${NAME}`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from launch.backends import deepspeed, torchrun
+from launch.program import log_dir, program_argv, resolved_args, tool
+from launch.recipe import Recipe
+
+SECTION = "launcher.slurm"
+SCRIPT_FILE = "launch-job.sbatch"
+HOSTFILE = "hostfile"
+SBATCH_OPTIONS = ("partition", "account", "qos", "time", "mem", "constraint", "cpus_per_task")
+_SHELL_VAR = re.compile(r"(\$\{[A-Za-z_][A-Za-z0-9_]*\})")
+
+
+def world_size(recipe: Recipe) -> int:
+    cfg = recipe.get(SECTION) or {}
+    return cfg.get("nodes", 1) * cfg.get("gpus_per_node", 1)
+
+
+def shell_quote(token: str) -> str:
+    """shlex.quote, except `${NAME}` stays expandable: `--rdzv-endpoint="${HEAD_NODE}":29500`."""
+    parts = [p for p in _SHELL_VAR.split(token) if p]
+    return "".join(f'"{p}"' if _SHELL_VAR.fullmatch(p) else shlex.quote(p) for p in parts) or "''"
+
+
+def node_command(recipe: Recipe) -> tuple[list[str], list[str], dict[str, str]]:
+    """What srun runs on each node, the batch-script lines it needs first, and extra files to write."""
+    cfg = recipe.get(SECTION) or {}
+    port, gpus, world = cfg.get("port", 29500), cfg.get("gpus_per_node", 1), world_size(recipe)
+    if cfg.get("runner", "torchrun") == "torchrun":
+        settings = {**(recipe.get(torchrun.SECTION) or {}), "standalone": False, "nnodes": "${SLURM_NNODES}",
+                    "nproc_per_node": gpus, "rdzv_backend": "c10d", "rdzv_endpoint": f"${{HEAD_NODE}}:{port}",
+                    "rdzv_id": "${SLURM_JOB_ID}"}
+        program = program_argv(recipe, "torchrun", resolved_args(recipe, world))
+        return torchrun.launcher_argv(settings) + program, [], {}
+    hostfile = log_dir(recipe) / f"{HOSTFILE}.${{SLURM_JOB_ID}}"
+    settings = {**(recipe.get(deepspeed.SECTION) or {}), "hostfile": "${HOSTFILE}", "multinode_launcher": "no_ssh",
+                "node_rank": "${SLURM_NODEID}", "master_addr": "${HEAD_NODE}", "master_port": port}
+    program, files = deepspeed.program_part(recipe, world)
+    lines = [f"export HOSTFILE={shell_quote(str(hostfile))}",
+             f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\\$/ slots={gpus}/" > "$HOSTFILE"']
+    return deepspeed.launcher_argv(settings) + program, lines, files
+
+
+def script(recipe: Recipe) -> tuple[str, dict[str, str]]:
+    """The sbatch script text and the files it refers to."""
+    cfg: dict[str, Any] = recipe.get(SECTION) or {}
+    out = log_dir(recipe)
+    command, prelude, files = node_command(recipe)
+    header = [f"--job-name={cfg.get('job_name') or recipe.name}", f"--nodes={cfg.get('nodes', 1)}",
+              "--ntasks-per-node=1", f"--gpus-per-node={cfg.get('gpus_per_node', 1)}",
+              *(f"--{k.replace('_', '-')}={cfg[k]}" for k in SBATCH_OPTIONS if cfg.get(k) is not None),
+              f"--chdir={Path.cwd()}", f"--output={out / 'slurm-%j.out'}", *(cfg.get("sbatch_args") or [])]
+    env = [f"export {k}={shell_quote(str(v))}" for k, v in (recipe.get("launcher.env") or {}).items()]
+    srun = ["srun", '--nodes="$SLURM_NNODES"', "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+            *map(shlex.quote, cfg.get("srun_args") or [])]
+    inner = " ".join(shell_quote(t) for t in command)
+    lines = ["#!/bin/bash", *(f"#SBATCH {h}" for h in header), "set -euo pipefail", *(cfg.get("setup") or []), *env,
+             'export HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"', *prelude,
+             f"{' '.join(srun)} bash -c {shlex.quote(inner)}"]
+    return "\n".join(lines) + "\n", files
+
+
+def plan(recipe: Recipe) -> tuple[list[list[str]], dict[str, str], bool]:
+    text, files = script(recipe)
+    sbatch = (recipe.get(SECTION) or {}).get("executable") or tool("sbatch")
+    command = [sbatch, str(log_dir(recipe) / SCRIPT_FILE)]
+    return [command], {**files, SCRIPT_FILE: text}, bool((recipe.get(SECTION) or {}).get("submit", False))

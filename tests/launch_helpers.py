@@ -1,0 +1,22 @@
+"""Helpers for the launcher tests: load + validate + plan a recipe, with a controlled environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch import backends, recipe, schema
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML = ROOT / "yaml"
+ENV = {"TIMM_TRAIN_PY": "/opt/timm/train.py"}
+
+
+def planned(path: str | Path, *overrides: str, env: dict[str, str] | None = None) -> backends.Plan:
+    loaded = recipe.load(path, overrides, {**ENV, **(env or {})})
+    schema.validate(loaded)
+    return backends.plan(loaded)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

@@ -1,0 +1,183 @@
+"""Dry runs: every recipe in yaml/ and every launcher kind, with exact argv for representative cases."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+from launch_helpers import ENV, ROOT, YAML, planned
+
+from launch import cli
+from launch.program import to_flags, tool
+
+PY = sys.executable
+RECIPES = sorted(YAML.glob("*.yaml"))
+CIFAR = ["--data-dir", "data", "--dataset", "cifar100-lt", "--imb-factor", "100", "--num-classes", "100",
+         "--model", "resnet34_cifar", "--epochs", "200", "--sched", "cosine", "--warmup-epochs", "0", "--min-lr", "0"]
+
+
+def test_flag_mapping_is_generic():
+    args = {"data_dir": "d", "amp": True, "model_ema": False, "resume": None, "device_modules": ["ltsam.timm"],
+            "opt_kwargs": {"rho": 0.05, "base": "momentum", "class_counts": [5, 3], "skip": None},
+            "lr": 0.001, "empty": [], "none_kw": {}}
+    assert to_flags(args) == ["--data-dir", "d", "--amp", "--device-modules", "ltsam.timm", "--opt-kwargs",
+                              "rho=0.05", "base=momentum", "class_counts=[5, 3]", "--lr", "0.001"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_dry_runs(path, capsys, monkeypatch):
+    monkeypatch.setenv("TIMM_TRAIN_PY", ENV["TIMM_TRAIN_PY"])
+    assert cli.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    plan = planned(path)
+    assert out.splitlines()[-1] == shlex.join(plan.commands[-1])
+    assert "# ---- " + str(plan.log_dir / "launch-recipe.yaml") in out
+
+
+def test_quickstart_local_exact():
+    plan = planned(YAML / "quickstart.yaml")
+    assert plan.commands == [[PY, "-m", "ltsam.train", "--dataset", "digits-lt", "--model", "lt_cnn_small",
+                              "--device", "cpu", "--epochs", "30", "--warmup-epochs", "0", "--sched", "cosine",
+                              "--lr", "0.05", "--weight-decay", "0.0005", "--opt", "ssesam",
+                              "--opt-kwargs", "head_rho=0.05", "tail_rho=0.1", "gamma=0.7", "eta=20",
+                              "base=momentum", "--momentum", "0.9", "--loss", "ce", "--workers", "0", "--seed", "0",
+                              "--output", "runs/quickstart", "--batch-size", "64"]]
+    assert plan.execute and str(plan.log_dir) == "runs/quickstart"
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("sgd", ["--opt", "momentum", "--lr", "0.01"]),
+    ("sam", ["--opt", "sam", "--lr", "0.01"]),
+    ("imbsam", ["--opt-kwargs", "rho=0.05", "eta=20", "tail_weight=2", "base=momentum"]),
+    ("ssesam", ["--opt-kwargs", "head_rho=0.05", "tail_rho=0.1", "gamma=0.7", "eta=100", "base=momentum"]),
+    ("focalsam", ["--opt-kwargs", "rho=0.3", "gamma=3.2", "lam=0.8", "base=momentum"]),
+])
+def test_cifar100_lt_methods(method, expected):
+    argv = planned(YAML / f"cifar100_lt_{method}.yaml").commands[0]
+    text = shlex.join(argv)
+    assert shlex.join(expected) in text
+    assert "--momentum 0.9 --weight-decay 0.001" in text and "--batch-size 64" in text
+    assert f"--output runs/cifar100-lt/{method}" in text
+    if method == "focalsam":
+        assert "--model resnet32_cifar" in text and "--loss la" in text and "--lr 0.1" in text
+    else:
+        assert argv[:3 + len(CIFAR)] == [PY, "-m", "ltsam.train", *CIFAR] and "--seed 9826" in text
+
+
+def test_env_and_override_reach_the_command(monkeypatch):
+    plan = planned(YAML / "cifar100_lt_ssesam.yaml", "program.args.epochs=2", "program.args.lr=1e-3",
+                   env={"LTSAM_OUTPUT": "/scratch/o", "LTSAM_DATA": "/data"})
+    text = shlex.join(plan.commands[0])
+    assert "--data-dir /data " in text and "--epochs 2 " in text and "--lr 0.001 " in text
+    assert str(plan.log_dir) == "/scratch/o/cifar100-lt/ssesam"
+
+
+def test_imagenet_torchrun_exact():
+    argv = planned(YAML / "imagenet_lt_r50_ssesam_torchrun.yaml", env={"RDZV_HOST": "node0"}).commands[0]
+    assert argv[:8] == [tool("torchrun"), "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                        "--rdzv-endpoint=node0:29500", "--rdzv-id=imagenet-lt-r50-ssesam", "--max-restarts=3", "-m"]
+    assert argv[8] == "ltsam.train" and argv[-2:] == ["--batch-size", "16"]
+
+
+def test_torchrun_static_and_standalone():
+    static = planned(YAML / "imagenet_lt_r50_ssesam_torchrun.yaml", "launcher.torchrun.rdzv_backend=static",
+                     "~launcher.torchrun.rdzv_endpoint", "~launcher.torchrun.rdzv_id",
+                     "launcher.torchrun.node_rank=1", "launcher.torchrun.master_addr=10.0.0.1",
+                     "launcher.torchrun.master_port=29400").commands[0]
+    assert static[:8] == [tool("torchrun"), "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=static",
+                          "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400", "--max-restarts=3"]
+    local = planned(YAML / "quickstart.yaml", "launcher.kind=torchrun", "launcher.torchrun.nproc_per_node=2",
+                    "precision=bf16").commands[0]
+    assert local[:4] == [tool("torchrun"), "--standalone", "--nproc-per-node=2", "-m"]
+    assert local[-5:] == ["--batch-size", "32", "--amp", "--amp-dtype", "bfloat16"]
+
+
+def test_elastic_nnodes_stays_a_string():
+    argv = planned(YAML / "imagenet_lt_r50_ssesam_torchrun.yaml", "launcher.torchrun.nnodes=1:4",
+                   "~global_batch_size", "program.args.batch_size=16").commands[0]
+    assert argv[1] == "--nnodes=1:4"
+
+
+def test_inat_deepspeed_exact_and_ds_config():
+    plan = planned(YAML / "inat2018_r50_focalsam_deepspeed.yaml")
+    argv = plan.commands[0]
+    assert argv[:5] == [tool("deepspeed"), "--num_gpus=4", "--no_local_rank", "--module", "ltsam.train"]
+    assert argv[-6:] == ["--batch-size", "128", "--deepspeed-config", "runs/inat2018/r50-focalsam/ds_config.json",
+                         "--zero-stage", "2"]
+    assert "--amp" not in argv and "--opt-kwargs rho=0.2 gamma=2.0 lam=1.1 base=momentum" in shlex.join(argv)
+    assert json.loads(plan.files["ds_config.json"]) == {
+        "gradient_accumulation_steps": 1, "train_batch_size": 512, "train_micro_batch_size_per_gpu": 128,
+        "bf16": {"enabled": False}, "fp16": {"enabled": False}, "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True}
+
+
+def test_deepspeed_hostfile_multinode_and_config_file(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("w0 slots=8\nw1 slots=8\n")
+    config = tmp_path / "ds.json"
+    config.write_text('{"gradient_clipping": 1.0, "zero_optimization": {"stage": 1, "overlap_comm": true}}')
+    plan = planned(YAML / "inat2018_r50_focalsam_deepspeed.yaml", "~launcher.deepspeed.num_gpus",
+                   "~launcher.deepspeed.zero_stage", f"launcher.deepspeed.hostfile={hosts}",
+                   "launcher.deepspeed.multinode_launcher=openmpi", "launcher.deepspeed.master_addr=w0",
+                   "precision=bf16", f"launcher.deepspeed.config_file={config}",
+                   "launcher.deepspeed.config={steps_per_print: 50}")
+    assert plan.commands[0][:5] == [tool("deepspeed"), f"--hostfile={hosts}", "--master_addr=w0",
+                                    "--launcher=openmpi", "--no_local_rank"]
+    assert json.loads(plan.files["ds_config.json"]) == {
+        "gradient_clipping": 1.0, "zero_optimization": {"stage": 1, "overlap_comm": True},
+        "train_batch_size": 512, "train_micro_batch_size_per_gpu": 32, "bf16": {"enabled": True},
+        "fp16": {"enabled": False}, "zero_allow_untested_optimizer": True, "steps_per_print": 50}
+    assert plan.commands[0][-2:] == ["--zero-stage", "1"]
+
+
+def test_slurm_torchrun_script():
+    plan = planned(YAML / "imagenet_lt_r50_ssesam_slurm.yaml")
+    script = plan.files["launch-job.sbatch"]
+    assert plan.commands == [[tool("sbatch"), "runs/imagenet-lt/r50-ssesam/launch-job.sbatch"]]
+    assert not plan.execute
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --time=48:00:00",
+                 "#SBATCH --partition=gpu", ". .venv/bin/activate"):
+        assert line in script.splitlines()
+    srun = script.splitlines()[-1]
+    assert srun.startswith('srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c ')
+    inner = shlex.split(srun)[-1]
+    assert inner.startswith(f'{tool("torchrun")} --nnodes="${{SLURM_NNODES}}" --nproc-per-node=8 '
+                            '--rdzv-backend=c10d --rdzv-endpoint="${HEAD_NODE}":29500 '
+                            '--rdzv-id="${SLURM_JOB_ID}" --max-restarts=3 -m ltsam.train ')
+    assert inner.endswith("--batch-size 16")
+
+
+def test_slurm_script_expands_on_each_node(tmp_path):
+    """Run the srun line's inner command through bash with fake SLURM variables: the values arrive intact."""
+    plan = planned(YAML / "imagenet_lt_r50_ssesam_slurm.yaml", "launcher.torchrun.executable=echo",
+                   "program.args.note=$${SLURM_JOB_ID}/a b")
+    inner = shlex.split(plan.files["launch-job.sbatch"].splitlines()[-1])[-1]
+    env = {"SLURM_NNODES": "2", "HEAD_NODE": "node7", "SLURM_JOB_ID": "42", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["bash", "-c", inner], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("--nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=node7:29500 "
+                          "--rdzv-id=42 ")
+    assert "--note 42/a b" in out
+
+
+def test_slurm_deepspeed_script():
+    plan = planned(YAML / "inat2018_r50_focalsam_deepspeed.yaml", "launcher.kind=slurm",
+                   "launcher.slurm.runner=deepspeed", "launcher.slurm.nodes=2", "launcher.slurm.gpus_per_node=4",
+                   "~launcher.deepspeed.num_gpus", "launcher.slurm.submit=true")
+    script = plan.files["launch-job.sbatch"]
+    assert plan.execute and "ds_config.json" in plan.files
+    assert json.loads(plan.files["ds_config.json"])["train_micro_batch_size_per_gpu"] == 64
+    assert 'export HOSTFILE=runs/inat2018/r50-focalsam/hostfile."${SLURM_JOB_ID}"' in script
+    assert 'sed "s/\\$/ slots=4/" > "$HOSTFILE"' in script
+    inner = shlex.split(script.splitlines()[-1])[-1]
+    assert inner.startswith(f'{tool("deepspeed")} --hostfile="${{HOSTFILE}}" --master_addr="${{HEAD_NODE}}" '
+                            '--master_port=29500 --node_rank="${SLURM_NODEID}" --no_ssh --no_local_rank '
+                            '--module ltsam.train ')
+
+
+def test_launcher_never_imports_torch():
+    code = ("import sys, launch.cli, launch.schema, launch.runner, launch.backends; "
+            "assert not any(m == 'torch' or m.startswith(('torch.', 'ltsam')) for m in sys.modules), 'imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
