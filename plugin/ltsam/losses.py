@@ -83,11 +83,14 @@ class LongTailLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         z = self.adjust(logits.float(), target)
-        return F.cross_entropy(z, target, weight=self.weight, label_smoothing=self.label_smoothing,
-                               reduction=self.reduction)
+        return F.cross_entropy(
+            z, target, weight=self.weight, label_smoothing=self.label_smoothing, reduction=self.reduction
+        )
 
     def extra_repr(self) -> str:
-        return f"classes={len(self.counts)}, drw_epoch={self.drw_epoch}, label_smoothing={self.label_smoothing}"
+        return (
+            f"classes={len(self.counts)}, drw_epoch={self.drw_epoch}, label_smoothing={self.label_smoothing}"
+        )
 
 
 class CrossEntropy(LongTailLoss):
@@ -100,15 +103,23 @@ class LDAMLoss(LongTailLoss):
     As SSE-SAM uses it with a plain Linear head: ``CE(z - s * m_y * onehot(y))``; DRW from epoch 160.
     """
 
-    def __init__(self, class_counts: CountsLike, max_m: float = 0.5, s: float = 30.0, drw_epoch: int | None = 160,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        class_counts: CountsLike,
+        max_m: float = 0.5,
+        s: float = 30.0,
+        drw_epoch: int | None = 160,
+        **kwargs,
+    ) -> None:
         super().__init__(class_counts, drw_epoch=drw_epoch, **kwargs)
         m = self.counts.pow(-0.25)
         self.register_buffer("margins", m * (max_m / m.max()))
         self.s = s
 
     def adjust(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        margin = torch.zeros_like(logits).scatter_(1, target[:, None], (self.s * self.margins[target])[:, None])
+        margin = torch.zeros_like(logits).scatter_(
+            1, target[:, None], (self.s * self.margins[target])[:, None]
+        )
         return logits - margin
 
 
@@ -124,7 +135,7 @@ class LogitAdjustedLoss(LongTailLoss):
 
 
 class VSLoss(LongTailLoss):
-    """Vector-scaling loss: ``CE(z / Delta + iota)``, ``Delta_c = (n_max / n_c)^gamma``, ``iota_c = tau log pi_c``."""
+    """Vector scaling: ``CE(z / Delta + iota)``, ``Delta_c = (n_max/n_c)^gamma``, ``iota_c = tau log pi_c``"""
 
     def __init__(self, class_counts: CountsLike, gamma: float = 0.05, tau: float = 0.75, **kwargs) -> None:
         super().__init__(class_counts, **kwargs)
@@ -143,7 +154,11 @@ class BalancedSoftmaxLoss(LongTailLoss):
 
 
 _LOSSES: dict[str, type[LongTailLoss]] = {
-    "ce": CrossEntropy, "ldam": LDAMLoss, "la": LogitAdjustedLoss, "vs": VSLoss, "bsce": BalancedSoftmaxLoss,
+    "ce": CrossEntropy,
+    "ldam": LDAMLoss,
+    "la": LogitAdjustedLoss,
+    "vs": VSLoss,
+    "bsce": BalancedSoftmaxLoss,
 }
 
 

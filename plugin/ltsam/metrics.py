@@ -30,7 +30,9 @@ def shot_groups(class_counts: Sequence[int], thresholds: Thresholds = "default")
     """``many`` / ``medium`` / ``few`` for each class from its training count."""
     if isinstance(thresholds, str):
         if thresholds not in SHOT_THRESHOLDS:
-            raise ValueError(f"unknown shot thresholds {thresholds!r}; named ones: {', '.join(SHOT_THRESHOLDS)}")
+            raise ValueError(
+                f"unknown shot thresholds {thresholds!r}; named ones: {', '.join(SHOT_THRESHOLDS)}"
+            )
         thresholds = SHOT_THRESHOLDS[thresholds]
     many, few = thresholds
     if few > many:
@@ -44,7 +46,10 @@ def _nanmean(values: np.ndarray) -> float | None:
 
 
 def long_tail_accuracy(
-    correct: Sequence[float], total: Sequence[float], class_counts: Sequence[int], thresholds: Thresholds = "default"
+    correct: Sequence[float],
+    total: Sequence[float],
+    class_counts: Sequence[int],
+    thresholds: Thresholds = "default",
 ) -> dict:
     """Report from per-class correct and total test counts; classes without test samples are left out."""
     correct, total = np.asarray(correct, dtype=np.float64), np.asarray(total, dtype=np.float64)
@@ -92,7 +97,9 @@ class LongTailAccuracy:
         num_classes = len(self.class_counts)
         targets = targets.detach().long().cpu()
         if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
-            raise ValueError(f"targets must lie in [0, {num_classes}), got [{targets.min()}, {targets.max()}]")
+            raise ValueError(
+                f"targets must lie in [0, {num_classes}), got [{targets.min()}, {targets.max()}]"
+            )
         hit = (logits.detach().argmax(dim=1).cpu() == targets).double()
         self.correct += torch.bincount(targets, weights=hit, minlength=num_classes)
         self.total += torch.bincount(targets, minlength=num_classes).double()
@@ -137,7 +144,9 @@ def plot_per_class(report: dict, path: str | os.PathLike, title: str | None = No
     twin.plot(np.arange(len(order)), counts[order], color="black", linewidth=1.5)
     twin.set_yscale("log")
     twin.set_ylabel("training images (log)")
-    handles = [Patch(color=GROUP_COLORS[g], label=f"{g} ({_pct(report[g])})") for g in GROUPS if report[f"num_{g}"]]
+    handles = [
+        Patch(color=GROUP_COLORS[g], label=f"{g} ({_pct(report[g])})") for g in GROUPS if report[f"num_{g}"]
+    ]
     ax.legend(handles=handles, loc="upper right", fontsize=8)
     ax.set_title(title or f"top-1 {_pct(report['top1'])}, mean per-class {_pct(report['mean_class_acc'])}")
     fig.tight_layout()

@@ -9,7 +9,16 @@ from torch.utils.data import Dataset
 
 from ltsam.data import files, lt
 
-LT_DATASETS = ("digits-lt", "mnist-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder", "list")
+LT_DATASETS = (
+    "digits-lt",
+    "mnist-lt",
+    "cifar10-lt",
+    "cifar100-lt",
+    "imagenet-lt",
+    "inat2018",
+    "folder",
+    "list",
+)
 DEFAULT_DATASET = "digits-lt"
 
 
@@ -33,11 +42,11 @@ def create_lt_dataset(
 
     ``digits-lt`` (embedded, ``root`` unused), ``mnist-lt`` (``root``: folder of mnist.npz),
     ``cifar10-lt`` (``root``: the webdataset shards folder with cifar10.json, or the folder holding
-    ``cifar-10-batches-py``), ``cifar100-lt`` (folder holding ``cifar-100-python``), ``imagenet-lt`` (image root;
-    ``list_dir=`` for the ImageNet_LT_*.txt files), ``inat2018`` (image root; ``json_dir=``), ``folder``
-    (ImageFolder), ``list`` (``list_file=``, optional ``train_list=``). ``imb_factor`` (max / min) and ``n_max``
-    shape the array sets (defaults: 20 and 144 for digits-lt, 100 elsewhere); the file sets are long-tailed
-    as published. Extra keyword arguments go to the set's builder (e.g. ``seed``, ``allow_empty``).
+    ``cifar-10-batches-py``), ``cifar100-lt`` (folder holding ``cifar-100-python``), ``imagenet-lt``
+    (image root; ``list_dir=`` for the ImageNet_LT_*.txt files), ``inat2018`` (image root; ``json_dir=``),
+    ``folder`` (ImageFolder), ``list`` (``list_file=``, optional ``train_list=``). ``imb_factor`` (max / min)
+    and ``n_max`` shape the array sets (defaults: 20 and 144 for digits-lt, 100 elsewhere); the file sets
+    are long-tailed as published. Other keywords go to the builder (``seed``, ``allow_empty``, ...).
     """
     key = name.lower()
     if key not in LT_DATASETS:

@@ -1,4 +1,4 @@
-"""Long-tailed data sets of image files: ImageNet-LT, iNaturalist-2018, any ImageFolder or ``path label`` list.
+"""Long-tailed sets of image files: ImageNet-LT, iNaturalist-2018, any ImageFolder or ``path label`` list.
 
 Class ids are stable and documented per reader: list files use the integer written in the file, iNat uses
 ``category_id`` as given, ImageFolder the position of the folder name in sorted order (torchvision's rule).
@@ -40,9 +40,13 @@ def read_list_file(
             continue
         fields = line.rsplit(maxsplit=1)
         if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
-            raise ValueError(f"{list_file}, line {lineno}: expected 'relative/path label', got {line.strip()!r}")
+            raise ValueError(
+                f"{list_file}, line {lineno}: expected 'relative/path label', got {line.strip()!r}"
+            )
         if not 0 <= int(fields[1]) < (num_classes or float("inf")):
-            raise ValueError(f"{list_file}, line {lineno}: label {fields[1]} outside [0, {num_classes or 'inf'})")
+            raise ValueError(
+                f"{list_file}, line {lineno}: label {fields[1]} outside [0, {num_classes or 'inf'})"
+            )
         samples.append((str(root / fields[0]), int(fields[1])))
     return samples
 
@@ -60,8 +64,10 @@ def read_inat_json(json_file: str | os.PathLike, root: str | os.PathLike) -> tup
         files = {img["id"]: img["file_name"] for img in data["images"]}
         annotations = data["annotations"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{json_file}: not a COCO-style file with images[{{id, file_name}}] and "
-                         f"annotations[{{image_id, category_id}}]: {err!r}") from err
+        raise ValueError(
+            f"{json_file}: not a COCO-style file with images[{{id, file_name}}] and "
+            f"annotations[{{image_id, category_id}}]: {err!r}"
+        ) from err
     categories = data.get("categories")
     num_classes = len(categories) if categories else float("inf")
     root = Path(root).resolve()
@@ -69,8 +75,10 @@ def read_inat_json(json_file: str | os.PathLike, root: str | os.PathLike) -> tup
     for i, ann in enumerate(annotations):
         label = ann.get("category_id")
         if ann.get("image_id") not in files or not isinstance(label, int) or not 0 <= label < num_classes:
-            raise ValueError(f"{json_file}: annotation {i} ({ann!r:.100}) has an unknown image_id or a "
-                             f"category_id outside [0, {num_classes})")
+            raise ValueError(
+                f"{json_file}: annotation {i} ({ann!r:.100}) has an unknown image_id or a "
+                f"category_id outside [0, {num_classes})"
+            )
         samples.append((str(root / files[ann["image_id"]]), label))
     return samples, (None if num_classes == float("inf") else num_classes)
 
@@ -128,10 +136,14 @@ class ImageListDataset(Dataset):
                 img = default_loader(path)
             except Exception as err:
                 if not self.skip_broken:
-                    raise OSError(f"image '{path}' (sample {index}, label {label}) does not decode: {err}") from err
+                    raise OSError(
+                        f"image '{path}' (sample {index}, label {label}) does not decode: {err}"
+                    ) from err
                 self.broken.add(path)
-                warnings.warn(f"skipping undecodable image '{path}' ({len(self.broken)} broken so far): {err}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"skipping undecodable image '{path}' ({len(self.broken)} broken so far): {err}",
+                    stacklevel=2,
+                )
                 continue
             return (self.transform(img) if self.transform is not None else img), label
         raise OSError(f"no image of the {len(self.samples)} in this data set decodes")
@@ -151,15 +163,19 @@ def imagenet_lt(
     num_classes: int = 1000,
     **kwargs,
 ) -> ImageListDataset:
-    """ImageNet-LT: ``{list_dir}/ImageNet_LT_{split}.txt`` (default ``list_dir`` = ``root``) over images in ``root``.
+    """ImageNet-LT: ``{list_dir}/ImageNet_LT_{split}.txt`` (default ``list_dir``: ``root``) over ``root``.
 
     Splits: train (115,846 images, 1000 classes, 1280 to 5 per class), val, test. Counts come from the
     train list whatever the split.
     """
     list_dir = Path(list_dir if list_dir is not None else root)
     train_list = list_dir / "ImageNet_LT_train.txt"
-    counts = _train_counts(read_list_file(train_list, root, num_classes), num_classes, str(train_list),
-                           kwargs.pop("allow_empty", False))
+    counts = _train_counts(
+        read_list_file(train_list, root, num_classes),
+        num_classes,
+        str(train_list),
+        kwargs.pop("allow_empty", False),
+    )
     split_list = list_dir / f"ImageNet_LT_{split}.txt"
     samples = read_list_file(split_list, root, num_classes)
     return ImageListDataset(samples, class_counts=counts, source=str(split_list), **kwargs)
@@ -177,8 +193,9 @@ def inat2018(
     """
     json_dir = Path(json_dir if json_dir is not None else root)
     train_samples, num_classes = read_inat_json(json_dir / "train2018.json", root)
-    counts = _train_counts(train_samples, num_classes, str(json_dir / "train2018.json"),
-                           kwargs.pop("allow_empty", False))
+    counts = _train_counts(
+        train_samples, num_classes, str(json_dir / "train2018.json"), kwargs.pop("allow_empty", False)
+    )
     if split == "train":
         samples = train_samples
     else:
@@ -189,7 +206,7 @@ def inat2018(
 def image_folder(
     root: str | os.PathLike, split: str = "train", allow_empty: bool = False, **kwargs
 ) -> ImageListDataset:
-    """ImageFolder: ``root/{split}/<class>/...`` when that folder exists, else ``root`` itself as the training set.
+    """ImageFolder: ``root/{split}/<class>/...``; without ``root/train``, ``root`` itself is the training set.
 
     Counts (and the class list) come from the training folder (``root/train`` or ``root``).
     """
@@ -212,7 +229,7 @@ def image_list(
     allow_empty: bool = False,
     **kwargs,
 ) -> ImageListDataset:
-    """Any ``path label`` list over ``root``; ``train_list`` (default: ``list_file`` itself) gives the counts."""
+    """Any ``path label`` list over ``root``; ``train_list`` (default ``list_file``) gives the counts."""
     train_samples = read_list_file(train_list or list_file, root, num_classes)
     counts = _train_counts(train_samples, num_classes, str(train_list or list_file), allow_empty)
     samples = read_list_file(list_file, root, len(counts)) if train_list is not None else train_samples

@@ -37,7 +37,7 @@ def lt_profile(num_classes: int, n_max: int, imb_factor: float) -> list[int]:
 
 
 def first_per_class(targets: Sequence[int], counts: Sequence[int], origin: str) -> np.ndarray:
-    """Indices of the first ``counts[c]`` samples of each class, grouped by class (the official CIFAR-LT order)."""
+    """Indices of the first ``counts[c]`` samples of each class, class by class (official CIFAR-LT order)."""
     targets = np.asarray(targets)
     picked = []
     for c, n in enumerate(counts):
@@ -142,7 +142,7 @@ def _make_lt(
     transform,
     classes: Sequence[str] | None = None,
 ) -> LTArrayDataset:
-    """``load(counts)`` returns (images, labels, keys) of the profile's training subset, ``load(None)`` the test set."""
+    """``load(counts)``: (images, labels, keys) of the training subset; ``load(None)``: the test set."""
     counts = lt_profile(num_classes, n_max, imb_factor)
     images, labels, keys = load(counts if _check_split(split) else None)
     count_classes(labels, num_classes, f"{name} {split} set")
@@ -181,7 +181,11 @@ def digits_lt(
     rest = np.concatenate([order[c][test_per_class:] for c in range(10)])
 
     def load(counts):
-        idx = test if counts is None else rest[first_per_class(digits.target[rest], counts, "digits training set")]
+        idx = (
+            test
+            if counts is None
+            else rest[first_per_class(digits.target[rest], counts, "digits training set")]
+        )
         return images[idx], digits.target[idx], [f"digits_{i}" for i in idx]
 
     return _make_lt("digits-lt", split, 10, load, imb_factor, n_max, transform)
@@ -224,17 +228,32 @@ def mnist_lt(
 # ---------------------------------------------------------------- CIFAR-LT (python pickles)
 
 _CIFAR_FILES = {
-    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
-         "batches.meta", "label_names", "cifar-10-python.tar.gz"),
-    100: ("cifar-100-python", ["train"], ["test"], "fine_labels", "meta", "fine_label_names",
-          "cifar-100-python.tar.gz"),
+    10: (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+        "batches.meta",
+        "label_names",
+        "cifar-10-python.tar.gz",
+    ),
+    100: (
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        "fine_labels",
+        "meta",
+        "fine_label_names",
+        "cifar-100-python.tar.gz",
+    ),
 }
 
 
 def _read_cifar_pickle(path: Path, archive: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(
-            f"CIFAR file '{path}' not found; download {archive} from https://www.cs.toronto.edu/~kriz/cifar.html "
+            f"CIFAR file '{path}' not found; download {archive} from "
+            "https://www.cs.toronto.edu/~kriz/cifar.html "
             f"and extract it inside '{path.parent.parent}' (nothing is downloaded for you)"
         )
     with open(path, "rb") as f:
@@ -277,13 +296,26 @@ def cifar_lt(
     classes = _read_cifar_pickle(meta, archive)[names_key] if meta.is_file() else None
 
     def load(counts):
-        images, labels = _load_cifar_files(folder, test_files if counts is None else train_files, label_key,
-                                           archive, num_classes)
-        keep = slice(None) if counts is None else first_per_class(labels, counts, f"CIFAR training set in '{folder}'")
+        images, labels = _load_cifar_files(
+            folder, test_files if counts is None else train_files, label_key, archive, num_classes
+        )
+        keep = (
+            slice(None)
+            if counts is None
+            else first_per_class(labels, counts, f"CIFAR training set in '{folder}'")
+        )
         return images[keep], labels[keep], None
 
-    return _make_lt(f"cifar{num_classes}-lt", split, num_classes, load, imb_factor, n_max or 50000 // num_classes,
-                    transform, classes)
+    return _make_lt(
+        f"cifar{num_classes}-lt",
+        split,
+        num_classes,
+        load,
+        imb_factor,
+        n_max or 50000 // num_classes,
+        transform,
+        classes,
+    )
 
 
 # ---------------------------------------------------------------- CIFAR-10-LT (shards)
@@ -292,7 +324,9 @@ _KEY = re.compile(r"^(?P<split>[a-z]+)_(?P<cls>.+)_(?P<index>\d+)$")
 
 
 @lru_cache(maxsize=4)
-def _read_cifar10_shards(folder: str, split: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, tuple[bytes]]:
+def _read_cifar10_shards(
+    folder: str, split: str
+) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, tuple[bytes]]:
     """(keys, labels, per-class index, JPEG bytes) of one split, read once per process."""
 
     meta_path = Path(folder) / "cifar10.json"
@@ -307,7 +341,9 @@ def _read_cifar10_shards(folder: str, split: str) -> tuple[tuple[str, ...], np.n
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         match = _KEY.match(sample["__key__"])
         if match is None:
-            raise ValueError(f"{sample['__url__']}: key {sample['__key__']!r} is not '{{split}}_{{class}}_{{index}}'")
+            raise ValueError(
+                f"{sample['__url__']}: key {sample['__key__']!r} is not '{{split}}_{{class}}_{{index}}'"
+            )
         keys.append(sample["__key__"])
         labels.append(int(sample["cls"]))
         index.append(int(match["index"]))

@@ -24,12 +24,14 @@ def _labels(data: Dataset | Sequence[int]) -> np.ndarray:
     targets = getattr(data, "targets", data)
     labels = np.asarray(targets, dtype=np.int64)
     if labels.ndim != 1 or labels.size == 0 or labels.min() < 0:
-        raise ValueError("a class-aware sampler needs a non-empty data set with non-negative integer `targets`")
+        raise ValueError(
+            "a class-aware sampler needs a non-empty data set with non-negative integer `targets`"
+        )
     return labels
 
 
 def _replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    """Like torch's DistributedSampler: each argument defaults from an initialised process group, else 1 / 0."""
+    """As torch's DistributedSampler: each argument defaults from an initialised process group, else 1 / 0."""
     live = dist.is_available() and dist.is_initialized()
     num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if live else 1)
     rank = rank if rank is not None else (dist.get_rank() if live else 0)
@@ -185,4 +187,3 @@ def create_lt_loader(dataset: Dataset, *args, sampler: Sampler[int] | None = Non
         return rebuilt
     loader.loader = rebuilt
     return loader
-
