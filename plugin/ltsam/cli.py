@@ -1,0 +1,38 @@
+"""The ``ltsam`` console script: ``ltsam train ...`` (more sub-commands can join ``COMMANDS``)."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Callable
+
+
+def _train(argv: list[str]) -> int:
+    from ltsam.train import main  # imported on use: `ltsam --help` stays fast
+
+    return main(argv)
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "train": (_train, "train a model on a long-tailed data set (ltsam train --help)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: ltsam <command> [options]\n\ncommands:\n" + "\n".join(
+        f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"ltsam: unknown command '{argv[0]}'{hint}\n\n{usage}", file=sys.stderr)
+        return 2
+    return command[0](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Command-line flags of ``ltsam train``: timm train.py's names for what they share, plus the long-tail flags.
+
+A ``-c/--config`` YAML file sets parser defaults (as in timm), so the command line still wins; unlike timm,
+a key that is not a flag is an error naming the file, the key and the closest flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+from pathlib import Path
+
+import yaml
+from ltsam.data.samplers import SAMPLERS as DATA_SAMPLERS
+
+# what the trainer picks when neither the command line nor the YAML names a value: per data set, so that the
+# default run (embedded digits) is a seconds-long CPU run and CIFAR follows algorithms.md §12
+DATASET_DEFAULTS: dict[str, dict] = {
+    "digits-lt": dict(model="lt_cnn_small", in_chans=1, img_size=8, epochs=30, batch_size=64, lr=0.05,
+                      warmup_epochs=0, workers=0, train_aug="none", weight_decay=5e-4),
+    "mnist-lt": dict(model="lt_cnn_small", in_chans=1, img_size=28, epochs=30, batch_size=64, lr=0.05,
+                     warmup_epochs=0, workers=0, train_aug="crop", weight_decay=5e-4),
+    "cifar10-lt": dict(model="resnet32_cifar", epochs=200, batch_size=64, lr=0.1, warmup_epochs=0,
+                       train_aug="crop-flip", weight_decay=2e-4),
+    "cifar100-lt": dict(model="resnet32_cifar", epochs=200, batch_size=64, lr=0.1, warmup_epochs=0,
+                        train_aug="crop-flip", weight_decay=1e-3),
+}
+FALLBACK_DEFAULTS = dict(model="resnet50", epochs=100, batch_size=128, lr=None, warmup_epochs=5, workers=4,
+                         train_aug="timm", weight_decay=2e-5, img_size=None, in_chans=3)
+
+SAMPLERS = ("none", *DATA_SAMPLERS)
+LOSSES = ("ce", "ldam", "la", "vs", "bsce")
+
+
+class ParseKwargs(argparse.Action):
+    """``k=v`` pairs into a dict, values through ``ast.literal_eval`` with a string fallback (timm's rule)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kw = {}
+        for value in values:
+            key, sep, raw = value.partition("=")
+            if not sep or not key:
+                parser.error(f"{option_string} expects key=value pairs, got '{value}'")
+            try:
+                kw[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                kw[key] = str(raw)
+        setattr(namespace, self.dest, kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltsam train", description="Long-tailed training with timm and ltsam.")
+    group = parser.add_argument_group("Data")
+    group.add_argument("--data-dir", default=None, help="data root (default: the data set's own default)")
+    group.add_argument("--dataset", default="digits-lt",
+                       help="digits-lt (embedded), mnist-lt, cifar10-lt, cifar100-lt, imagenet-lt, inat2018, "
+                            "folder, list")
+    group.add_argument("--train-split", default="train")
+    group.add_argument("--val-split", default="test", help="split evaluated each --eval-interval epochs")
+    group.add_argument("--imb-factor", type=float, default=None,
+                       help="max/min class count of the -LT profile (default: the data set's own)")
+    group.add_argument("--n-max", type=int, default=None, help="images of the largest class (default: all)")
+    group.add_argument("--class-counts", default=None,
+                       help="JSON of per-class training counts (default: from the data set, written to the output)")
+    group.add_argument("--sampler", default="none", choices=SAMPLERS,
+                       help="none (instance shuffling), balanced, sqrt, progressive or repeat (repeat-factor)")
+    group.add_argument("--train-aug", default=None, choices=("none", "crop", "crop-flip", "timm"),
+                       help="training augmentation: none, pad-and-crop (+ flip, the CIFAR recipe), or timm's")
+    group.add_argument("--workers", "-j", type=int, default=None)
+
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model", default=None, help="timm model name (default: per data set)")
+    group.add_argument("--pretrained", action="store_true")
+    group.add_argument("--num-classes", type=int, default=None)
+    group.add_argument("--in-chans", type=int, default=None)
+    group.add_argument("--img-size", type=int, default=None)
+    group.add_argument("--mean", type=float, nargs="+", default=None)
+    group.add_argument("--std", type=float, nargs="+", default=None)
+    group.add_argument("--drop", type=float, default=None, help="dropout rate before the classifier")
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
+    group.add_argument("-b", "--batch-size", type=int, default=None, help="per-process batch size")
+    group.add_argument("-vb", "--validation-batch-size", type=int, default=None)
+
+    group = parser.add_argument_group("Optimizer")
+    group.add_argument("--opt", default="sgd", help="timm optimizer name, e.g. sgd, momentum, adamw, sam, ssesam")
+    group.add_argument("--opt-eps", type=float, default=None)
+    group.add_argument("--opt-betas", type=float, nargs="+", default=None)
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--weight-decay", type=float, default=None)
+    group.add_argument("--clip-grad", type=float, default=None, help="plain optimizers only")
+    group.add_argument("--clip-mode", default="norm")
+    group.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs,
+                       help="extra optimizer options, e.g. rho=0.05 base=momentum (class_counts and epochs are "
+                            "filled in for the SAM family)")
+    group.add_argument("--eta", type=float, default=None, help="tail threshold n_c < eta of imbsam / ssesam")
+
+    group = parser.add_argument_group("Loss")
+    group.add_argument("--loss", default="ce", choices=LOSSES)
+    group.add_argument("--loss-kwargs", nargs="*", default={}, action=ParseKwargs)
+
+    group = parser.add_argument_group("Schedule")
+    group.add_argument("--sched", default="cosine")
+    group.add_argument("--sched-on-updates", action="store_true")
+    group.add_argument("--lr", type=float, default=None)
+    group.add_argument("--lr-base", type=float, default=0.1)
+    group.add_argument("--lr-base-size", type=int, default=256)
+    group.add_argument("--lr-base-scale", default="", help="linear or sqrt (default: sqrt for ada/lamb optimizers)")
+    group.add_argument("--warmup-lr", type=float, default=1e-5)
+    group.add_argument("--min-lr", type=float, default=0.0)
+    group.add_argument("--epochs", type=int, default=None)
+    group.add_argument("--stop-epoch", type=int, default=None,
+                       help="stop after this many epochs without changing the schedule (resume to continue)")
+    group.add_argument("--warmup-epochs", type=int, default=None)
+    group.add_argument("--cooldown-epochs", type=int, default=0)
+    group.add_argument("--decay-epochs", type=float, default=None)
+    group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
+    group.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+
+    group = parser.add_argument_group("Precision, EMA, distribution")
+    group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
+    group.add_argument("--model-ema", action="store_true")
+    group.add_argument("--model-ema-decay", type=float, default=0.9998)
+    group.add_argument("--model-ema-warmup", action="store_true")
+    group.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
+                       help="how BatchNorm buffers are made equal across ranks at the end of each epoch")
+
+    group = parser.add_argument_group("Evaluation and output")
+    group.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and at the end)")
+    group.add_argument("--tta", action="store_true", help="average logits over the image and its mirror image")
+    group.add_argument("--many-shot", type=int, default=100, help="Many: train count above this")
+    group.add_argument("--few-shot", type=int, default=20, help="Few: train count below this")
+    group.add_argument("--output", default="./output/train")
+    group.add_argument("--experiment", default=None,
+                       help="folder under --output (default: <dataset>-<model>-<opt>-seed<seed>)")
+    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for the output folder's last")
+    group.add_argument("--overwrite", action="store_true", help="start afresh in a folder holding a checkpoint")
+    group.add_argument("--checkpoint-hist", type=int, default=3)
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--log-interval", type=int, default=20)
+    group.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with the YAML of ``-c`` as defaults, then fill the per-data-set defaults."""
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("-c", "--config", default="")
+    known, rest = config_parser.parse_known_args(argv)
+    parser = build_parser()
+    if known.config:
+        parser.set_defaults(**load_config(known.config, parser))
+    args = parser.parse_args(rest)
+    args.config = known.config
+    fill_defaults(args)
+    check_args(parser, args)
+    return args
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """YAML keys must be flags (dashes or underscores): a typo would otherwise be ignored silently."""
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"ltsam train: config file '{file}' does not exist")
+    try:
+        cfg = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SystemExit(f"ltsam train: config file '{file}' is not valid YAML: {err}") from err
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"ltsam train: config file '{file}' must hold a mapping of flag names to values")
+    known = {a.dest for a in parser._actions if a.dest != "help"}
+    out = {}
+    for key, value in cfg.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known:
+            close = difflib.get_close_matches(dest, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise SystemExit(f"ltsam train: config file '{file}' has unknown key '{key}'{hint}")
+        out[dest] = value
+    return out
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """Values left at None take the data set's recipe default, then the generic one."""
+    table = {**FALLBACK_DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, {})}
+    for key, value in table.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse combinations that would fail late or train something other than asked."""
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.stop_epoch is not None and not 0 < args.stop_epoch <= args.epochs:
+        parser.error(f"--stop-epoch must lie in [1, --epochs={args.epochs}], got {args.stop_epoch}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.eval_interval < 1:
+        parser.error(f"--eval-interval must be >= 1, got {args.eval_interval}")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other: resume continues the folder's run")
+    if args.few_shot > args.many_shot:
+        parser.error(f"--few-shot ({args.few_shot}) must not exceed --many-shot ({args.many_shot})")
+
+
+def resolve_lr(args: argparse.Namespace, world_size: int) -> None:
+    """timm's rule: without --lr, lr = lr_base * global batch / lr_base_size (sqrt-scaled for ada/lamb)."""
+    if args.lr is not None:
+        return
+    global_batch = args.batch_size * world_size
+    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
+    ratio = global_batch / args.lr_base_size
+    args.lr = args.lr_base * (ratio**0.5 if scale == "sqrt" else ratio)
+
+
+def experiment_name(args: argparse.Namespace) -> str:
+    """Deterministic (no timestamp), so a restarted worker finds the folder it must resume from."""
+    return args.experiment or f"{args.dataset.replace('/', '_')}-{args.model}-{args.opt}-seed{args.seed}"
+
+
+def save_args(args: argparse.Namespace, path: Path) -> None:
+    """The exact configuration run, loadable again with ``-c``."""
+    skip = {"config", "distributed", "world_size", "rank", "local_rank", "device_type"}
+    cfg = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    cfg["device"] = str(cfg.get("device"))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=True))
+    tmp.replace(path)

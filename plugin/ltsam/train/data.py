@@ -1,0 +1,103 @@
+"""Data for the trainer: long-tailed sets, transforms from timm's data config, rank-sharded loaders, counts.
+
+Training batches come from a sampler that reseeds from (seed, epoch) in ``set_epoch``, never from the global
+RNG, so a resumed run draws exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms as T
+
+from ltsam.counts import load_class_counts, save_class_counts
+from ltsam.data.factory import create_lt_dataset
+from ltsam.data.samplers import create_sampler
+
+COUNTS_FILE = "class_counts.json"
+
+
+@dataclass
+class Data:
+    train: DataLoader
+    val: DataLoader
+    class_counts: list[int]
+    counts_file: Path
+    num_classes: int
+
+
+def create_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
+    """Train and evaluation splits without transforms (set later, once the model's data config is known)."""
+    common = dict(root=args.data_dir, imb_factor=args.imb_factor, n_max=args.n_max)
+    try:
+        train = create_lt_dataset(args.dataset, split=args.train_split, **common)
+        # the same profile, so the (balanced) evaluation set carries the training counts for Many/Medium/Few
+        val = create_lt_dataset(args.dataset, split=args.val_split, **common)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"ltsam train: data set '{args.dataset}': {err}") from err
+    return train, val
+
+
+def class_counts_for(args: argparse.Namespace, train: Dataset, output_dir: Path,
+                     primary: bool) -> tuple[list[int], Path]:
+    """Counts from ``--class-counts`` or the training set; the data set's are written to the output folder."""
+    if args.class_counts:
+        counts = load_class_counts(args.class_counts)
+        if len(counts) != train.num_classes:
+            raise SystemExit(f"ltsam train: --class-counts '{args.class_counts}' has {len(counts)} classes, the "
+                             f"data set {train.num_classes}")
+        return counts, Path(args.class_counts)
+    path = output_dir / COUNTS_FILE
+    if primary:
+        save_class_counts(train.class_counts, path)
+    return list(train.class_counts), path
+
+
+def build_transforms(args: argparse.Namespace, model: nn.Module) -> tuple[dict, object, object]:
+    """timm's data config of the model and flags, the training transform ``--train-aug`` names, and eval's."""
+    config = resolve_data_config(vars(args), model=model)
+    size = config["input_size"][-1]
+    normalize = [T.ToTensor(), T.Normalize(config["mean"], config["std"])]
+    if args.train_aug == "timm":
+        train_tf = create_transform(**config, is_training=True)
+        eval_tf = create_transform(**config, is_training=False)
+        return config, train_tf, eval_tf
+    resize = [T.Resize(size), T.CenterCrop(size)] if args.img_size is None or args.img_size > 64 else []
+    eval_tf = T.Compose(resize + normalize)
+    crop = [T.RandomCrop(size, padding=max(size // 8, 1))] if args.train_aug in ("crop", "crop-flip") else []
+    flip = [T.RandomHorizontalFlip()] if args.train_aug == "crop-flip" else []
+    return config, T.Compose(resize + crop + flip + normalize), eval_tf
+
+
+def train_sampler(args: argparse.Namespace, dataset: Dataset, rank: int, world_size: int) -> Sampler:
+    """Instance sampling shards a seeded permutation by rank; the re-balancing samplers come from ltsam.data."""
+    if args.sampler == "none":
+        return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
+                                  drop_last=True)
+    return create_sampler(args.sampler, dataset, epochs=args.epochs, seed=args.seed, num_replicas=world_size, rank=rank)
+
+
+def create_loaders(args: argparse.Namespace, train: Dataset, val: Dataset, rank: int, world_size: int,
+                   pin_memory: bool) -> tuple[DataLoader, DataLoader]:
+    """Training batches from the sampler; evaluation shards by rank without padding, so no sample counts twice."""
+    sampler = train_sampler(args, train, rank, world_size)
+    if len(sampler) < args.batch_size:
+        raise SystemExit(f"ltsam train: {len(sampler)} training samples per process are fewer than --batch-size "
+                         f"{args.batch_size}; lower the batch size")
+    train_loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                              pin_memory=pin_memory, drop_last=True, persistent_workers=False)
+    val_loader = DataLoader(val, batch_size=args.validation_batch_size or 2 * args.batch_size,
+                            sampler=range(rank, len(val), world_size), num_workers=args.workers, pin_memory=pin_memory)
+    return train_loader, val_loader
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    sampler = loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+

@@ -1,0 +1,154 @@
+"""One training epoch and one evaluation pass.
+
+Every update goes through :func:`train_step`, the single place that knows how an optimizer consumes a batch:
+plain timm optimizers (backward + step), the SAM family (a closure of per-sample losses), and later a
+DeepSpeed engine (``sam_gradient`` + ``engine.step``) as one more branch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from timm.utils import dispatch_clip_grad
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ltsam.metrics import LongTailAccuracy
+from ltsam.optim import SAMFamily
+from ltsam.train.distributed import all_reduce_sum
+
+# test-only fault injection: rank LTSAM_FAULT_RANK (default 1) calls os._exit(1) right after update
+# LTSAM_FAULT_AT_STEP, once: the marker file LTSAM_FAULT_MARKER keeps the restarted group alive
+FAULT_ENV = ("LTSAM_FAULT_AT_STEP", "LTSAM_FAULT_MARKER", "LTSAM_FAULT_RANK")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf: training stops, and the last checkpoint written stays the last good one."""
+
+
+@dataclass
+class StepContext:
+    """What one update needs. ``model`` runs plain forwards (DDP-wrapped when distributed); ``module`` is the
+    unwrapped model the SAM closure runs, since the SAM engine all-reduces its gradients itself."""
+
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    autocast: Callable[[], AbstractContextManager]
+    scaler: torch.amp.GradScaler | None = None
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+
+    @property
+    def sam(self) -> bool:
+        return isinstance(self.optimizer, SAMFamily)
+
+
+def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
+    """One optimizer update on the batch; returns this rank's mean loss (detached)."""
+    if ctx.sam:
+        def closure(index: Tensor | None = None) -> Tensor:
+            xs, ys = (x, y) if index is None else (x[index], y[index])
+            with ctx.autocast():
+                return ctx.criterion(ctx.module(xs), ys)
+
+        return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler)
+
+    ctx.optimizer.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        loss = ctx.criterion(ctx.model(x), y).mean()
+    if ctx.scaler is not None:
+        ctx.scaler.scale(loss).backward()
+        if ctx.clip_grad is not None:
+            ctx.scaler.unscale_(ctx.optimizer)
+            dispatch_clip_grad(ctx.module.parameters(), ctx.clip_grad, mode=ctx.clip_mode)
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        loss.backward()
+        if ctx.clip_grad is not None:
+            dispatch_clip_grad(ctx.module.parameters(), ctx.clip_grad, mode=ctx.clip_mode)
+        ctx.optimizer.step()
+    return loss.detach()
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """Per-epoch bar with loss, lr, samples/s and (SSE-SAM) the stage; disabled bars render nothing."""
+    return Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.3g}  {task.fields[rate]:.0f} samples/s"
+                   "{task.fields[stage]}"),
+        TimeElapsedColumn(), disable=not enabled, transient=False,
+    )
+
+
+def train_one_epoch(ctx: StepContext, loader: DataLoader, epoch: int, state, scheduler, model_ema,
+                    progress: Progress, world_size: int, log_interval: int, device: torch.device) -> dict:
+    """Run one epoch of updates; returns ``{"loss": mean over the epoch and ranks}``.
+
+    The loss is summed over ranks after every update, so every rank sees a NaN/inf together and stops at the
+    same step with the same message.
+    """
+    ctx.module.train()
+    stage = getattr(ctx.optimizer, "stage", None)  # SSE-SAM only
+    task = progress.add_task("train", total=len(loader), epoch=epoch, loss=float("nan"), rate=0.0,
+                             lr=ctx.optimizer.param_groups[0]["lr"], stage=f"  stage {stage}" if stage else "")
+    total, seen, start = 0.0, 0, time.perf_counter()
+    for batch_idx, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = all_reduce_sum(train_step(ctx, x, y).float().reshape(1).clone()) / world_size
+        value = float(loss)
+        state.num_updates += 1
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss is {value} at epoch {epoch}, update {state.num_updates} (batch {batch_idx} "
+                                f"of {len(loader)}); stopping without saving")
+        total, seen = total + value, seen + 1
+        if model_ema is not None:
+            model_ema.update(ctx.module, step=state.num_updates)
+        if scheduler is not None:
+            scheduler.step_update(num_updates=state.num_updates)
+        _maybe_fault(state.num_updates)
+        if (batch_idx + 1) % log_interval == 0 or batch_idx + 1 == len(loader):
+            rate = (batch_idx + 1) * x.shape[0] * world_size / (time.perf_counter() - start)
+            progress.update(task, completed=batch_idx + 1, loss=total / seen, rate=rate,
+                            lr=ctx.optimizer.param_groups[0]["lr"])
+    return {"loss": total / max(seen, 1)}
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, loader: DataLoader, meter: LongTailAccuracy, tta: bool,
+             autocast: Callable[[], AbstractContextManager], device: torch.device) -> dict:
+    """All / Many / Medium / Few over the evaluation set (each rank its share; the meter sums over ranks).
+
+    With ``tta`` the logits of each image and its horizontal mirror are averaged (SSE-SAM's final report).
+    """
+    module.eval()
+    meter.reset()
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        with autocast():
+            logits = module(x).float()
+            if tta:
+                logits = (logits + module(torch.flip(x, dims=[3])).float()) / 2
+        meter.update(logits, y)
+    return meter.compute()
+
+
+def _maybe_fault(step: int) -> None:
+    at = os.environ.get(FAULT_ENV[0])
+    if at is None or int(at) != step or int(os.environ.get("RANK", "0")) != int(os.environ.get(FAULT_ENV[2], "1")):
+        return
+    marker = Path(os.environ[FAULT_ENV[1]])
+    if marker.exists():
+        return
+    marker.write_text(f"killed at update {step}\n")
+    os._exit(1)

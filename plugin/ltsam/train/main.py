@@ -1,0 +1,214 @@
+"""``ltsam train``: composes timm's model, optimizer, scheduler, EMA and checkpoint pieces around the loop.
+
+Order per epoch: train, equalise BatchNorm buffers across ranks, evaluate (every ``--eval-interval``), step the
+scheduler, then checkpoint; a checkpoint therefore holds the exact state at the start of the next epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from timm.models import create_model
+from timm.optim import create_optimizer_v2, get_optimizer_class, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, distribute_bn, random_seed, update_summary
+from timm.utils.summary import trim_summary
+from torch.nn.parallel import DistributedDataParallel
+
+from ltsam.losses import create_loss
+from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report
+from ltsam.optim import SAMFamily
+from ltsam.train import args as cli_args
+from ltsam.train import data as train_data
+from ltsam.train import distributed as dist_utils
+from ltsam.train.checkpoint import LAST, Saver, TrainState, existing_checkpoints, load_training_state, resolve_resume
+from ltsam.train.loop import NonFiniteLoss, StepContext, evaluate, progress_bar, train_one_epoch
+
+SUMMARY, RESULTS, PLOT, ARGS = "summary.csv", "results.json", "per_class.png", "args.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ltsam train`` and ``python -m ltsam.train``; returns the exit status."""
+    args = cli_args.parse_args(argv)
+    device = dist_utils.setup(args)
+    console = Console(stderr=True, quiet=args.rank != 0)
+    try:
+        train(args, device, console)
+    except NonFiniteLoss as err:
+        print(f"ltsam train (rank {args.rank}): {err}", file=sys.stderr)
+        return 3
+    finally:
+        dist_utils.shutdown()
+    return 0
+
+
+def prepare_output(args: argparse.Namespace, primary: bool) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume; refuses a folder holding another run's checkpoints."""
+    out = Path(args.output) / cli_args.experiment_name(args)
+    if args.resume is None and dist_utils.restarted():
+        args.resume = "auto"  # a group torchrun restarted continues from its last checkpoint by itself
+    resume = resolve_resume(args.resume, out)
+    found = existing_checkpoints(out) if out.is_dir() else []
+    if found and not args.resume and not args.overwrite:
+        raise SystemExit(f"ltsam train: output folder '{out}' holds another run's checkpoint ({found[0].name}); "
+                         "pass --resume auto to continue it, --overwrite to start afresh, or another --experiment")
+    dist_utils.barrier()  # every rank has looked before rank 0 clears anything
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            for path in found + [out / SUMMARY, out / RESULTS]:
+                path.unlink(missing_ok=True)
+    dist_utils.barrier()
+    return out, resume
+
+
+def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, counts_file: Path) -> torch.optim.Optimizer:
+    """timm's factory with the flags; the SAM family also gets the class counts, epochs and ``--eta``."""
+    kwargs = {**optimizer_kwargs(cfg=args), **args.opt_kwargs}
+    try:
+        opt_class = get_optimizer_class(args.opt.lower().split("_")[-1], bind_defaults=False)
+    except ValueError as err:
+        raise SystemExit(f"ltsam train: --opt {args.opt}: {err}") from err
+    sam = isinstance(opt_class, type) and issubclass(opt_class, SAMFamily)
+    accepted = {n for klass in opt_class.__mro__[:-2] for n in inspect.signature(klass.__init__).parameters} \
+        if sam else set()
+    if sam:
+        kwargs.setdefault("epochs", args.epochs)
+    if "class_counts" in accepted:
+        kwargs.setdefault("class_counts", str(counts_file))
+    if args.eta is not None:
+        if "eta" not in accepted:
+            raise SystemExit(f"ltsam train: --eta (the tail threshold) applies to imbsam and ssesam, "
+                             f"not --opt {args.opt}")
+        kwargs.setdefault("eta", args.eta)
+    try:
+        return create_optimizer_v2(model, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"ltsam train: cannot build --opt {args.opt}: {err}") from err
+
+
+def train(args: argparse.Namespace, device: torch.device, console: Console) -> None:
+    start_time = time.perf_counter()
+    primary = args.rank == 0
+    random_seed(args.seed, args.rank)
+    out, resume = prepare_output(args, primary)
+
+    train_set, val_set = train_data.create_datasets(args)
+    counts, counts_file = train_data.class_counts_for(args, train_set, out, primary)
+    dist_utils.barrier()  # the counts file exists before any rank's optimizer reads it
+    args.num_classes = args.num_classes or train_set.num_classes
+    cli_args.resolve_lr(args, args.world_size)
+
+    model_kwargs = dict(args.model_kwargs)
+    if args.drop is not None:
+        model_kwargs["drop_rate"] = args.drop
+    model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+                         in_chans=args.in_chans, **model_kwargs).to(device)
+    data_config, train_set.transform, val_set.transform = train_data.build_transforms(args, model)
+    train_loader, val_loader = train_data.create_loaders(args, train_set, val_set, args.rank, args.world_size,
+                                                         pin_memory=device.type == "cuda")
+
+    criterion = create_loss(args.loss, counts, **args.loss_kwargs).to(device)
+    optimizer = build_optimizer(args, model, counts_file)
+    sam = isinstance(optimizer, SAMFamily)
+    if sam:
+        optimizer.attach(model)
+        dist_utils.broadcast_module(model)  # no DDP wrapper to do it: every rank starts from rank 0's weights
+    amp_dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 and device.type == "cuda" \
+        else None
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
+        if args.model_ema else None
+    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                updates_per_epoch=len(train_loader))
+
+    state = TrainState()
+    saver = Saver(model, optimizer, args, model_ema, scheduler, scaler, state, out, args.checkpoint_hist) \
+        if primary else None
+    if resume is not None:
+        loaded = load_training_state(resume, model, optimizer, scheduler, scaler, model_ema, saver, args.rank)
+        state.epoch, state.num_updates = loaded.epoch, loaded.num_updates
+        console.print(f"resumed from '{resume}' at epoch {state.epoch} (update {state.num_updates})")
+    forward_model = model
+    if args.distributed and not sam:
+        forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ctx = StepContext(forward_model, model, optimizer, criterion, autocast, scaler, args.clip_grad, args.clip_mode)
+    meter = LongTailAccuracy(counts, (args.many_shot, args.few_shot))
+
+    if primary:
+        trim_summary(str(out / SUMMARY), state.epoch)
+        cli_args.save_args(args, out / ARGS)
+        console.print(f"ltsam train: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params) "
+                      f"on {args.dataset} ({len(train_set)} train / {len(val_set)} eval images, {args.num_classes} "
+                      f"classes), --opt {args.opt}, {args.world_size} process(es) on {device}, input "
+                      f"{data_config['input_size']}; output '{out}'")
+
+    stop = min(args.stop_epoch or num_epochs, num_epochs)
+    report = None
+    with progress_bar(primary and not args.no_progress) as progress:
+        for epoch in range(state.epoch, stop):
+            train_data.set_epoch(train_loader, epoch)
+            criterion.set_epoch(epoch)
+            if sam:
+                optimizer.set_epoch(epoch)
+            try:
+                train_metrics = train_one_epoch(ctx, train_loader, epoch, state, scheduler, model_ema, progress,
+                                                args.world_size, args.log_interval, device)
+            except NonFiniteLoss as err:
+                last = out / LAST
+                kept = f"the last good checkpoint is '{last}'" if last.is_file() else "no checkpoint was written"
+                raise NonFiniteLoss(f"{err}; {kept}") from None
+            if args.distributed and args.dist_bn:
+                distribute_bn(model, args.world_size, args.dist_bn == "reduce")
+                if model_ema is not None:
+                    distribute_bn(model_ema, args.world_size, args.dist_bn == "reduce")
+            eval_metrics = {}
+            if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == stop:
+                report = evaluate(model, val_loader, meter, False, autocast, device)
+                eval_metrics = {k: report[k] for k in ("top1", "mean_class_acc", "many", "medium", "few")}
+                reports = {f"epoch {epoch}": report}
+                if model_ema is not None:
+                    ema_report = evaluate(model_ema.module, val_loader, meter, False, autocast, device)
+                    eval_metrics.update({f"ema_{k}": ema_report[k] for k in ("top1", "many", "medium", "few")})
+                    reports[f"epoch {epoch} EMA"] = ema_report
+                if primary:
+                    progress.console.print(results_table(reports))
+            if scheduler is not None:
+                scheduler.step(epoch + 1, eval_metrics.get("top1"))
+            state.epoch = epoch + 1
+            rng = dist_utils.gather_rng_states()  # collective: every rank takes part
+            if primary:
+                update_summary(epoch, train_metrics, eval_metrics, str(out / SUMMARY),
+                               lr=optimizer.param_groups[0]["lr"])
+                saver.pending_rng = rng
+                saver.save_checkpoint(epoch, metric=eval_metrics.get("top1"))
+            dist_utils.barrier()  # the checkpoint is on disk before any rank can fail in the next epoch
+
+    if report is None:  # resumed a finished run: nothing trained, evaluate what was loaded
+        report = evaluate(model, val_loader, meter, False, autocast, device)
+    if args.tta:
+        report = evaluate(model, val_loader, meter, True, autocast, device)
+    if primary:
+        finish(args, out, report, state, stop, num_epochs, time.perf_counter() - start_time, console)
+
+
+def finish(args: argparse.Namespace, out: Path, report: dict, state: TrainState, stop: int, num_epochs: int,
+           wall: float, console: Console) -> None:
+    """results.json, the per-class plot and the final All / Many / Medium / Few table."""
+    report = dict(report, model=args.model, dataset=args.dataset, opt=args.opt, loss=args.loss, tta=args.tta,
+                  epochs_done=state.epoch, epochs=num_epochs, updates=state.num_updates, wall_s=round(wall, 2))
+    save_report(report, out / RESULTS)
+    plot_per_class(report, out / PLOT, title=f"{args.model} / {args.opt} on {args.dataset}")
+    title = f"{args.dataset}: {state.epoch}/{num_epochs} epochs{' (stopped)' if stop < num_epochs else ''}" \
+            f"{', flip TTA' if args.tta else ''} - accuracy (%)"
+    console.print(results_table({args.opt: report}, title=title))
+    console.print(f"done in {wall:.1f} s; results in '{out}'")

@@ -1,0 +1,131 @@
+"""``ltsam train`` end to end on the embedded digits, in-process: every optimizer, exact resume, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ltsam.cli import main as ltsam_cli
+from ltsam.train import main as train_main
+
+# 203 training images (n_max 60, IF 20) in batches of 32: 6 updates an epoch, seconds per run on CPU
+TINY = ["--n-max", "60", "-b", "32", "--epochs", "2", "--no-progress", "--seed", "3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two cores shared with other tests: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(out, *flags: str, experiment: str = "run") -> int:
+    return train_main([*TINY, "--output", str(out), "--experiment", experiment, *flags])
+
+
+def load(out, experiment: str = "run", name: str = "last.pth.tar") -> dict:
+    return torch.load(out / experiment / name, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("opt, extra", [
+    ("sgd", []),
+    ("sam", ["--opt-kwargs", "rho=0.05"]),
+    ("imbsam", ["--eta", "20"]),
+    ("ssesam", ["--eta", "20", "--opt-kwargs", "gamma=0.5"]),
+    ("focalsam", ["--loss", "la"]),
+])
+def test_each_optimizer_trains_and_writes_its_outputs(tmp_path, opt, extra):
+    assert run(tmp_path, "--opt", opt, *extra) == 0
+    folder = tmp_path / "run"
+    for name in ("summary.csv", "results.json", "per_class.png", "args.yaml", "class_counts.json", "last.pth.tar"):
+        assert (folder / name).is_file(), name
+    results = __import__("json").loads((folder / "results.json").read_text())
+    assert results["epochs_done"] == 2 and results["updates"] == 12
+    assert {"top1", "many", "medium", "few"} <= results.keys() and results["top1"] > 0.2
+    ckpt = load(tmp_path)
+    if opt != "sgd":  # the method state travels with the optimizer, epochs filled in by the trainer
+        assert ckpt["optimizer"]["ltsam"]["epoch"] == 1
+    assert len((folder / "summary.csv").read_text().splitlines()) == 3
+
+
+def test_stop_and_resume_ends_bit_identical(tmp_path):
+    """SSE-SAM switching stage mid-run, random crops, class-balanced sampling and EMA: a run stopped after
+    one epoch and resumed must end with exactly the weights, EMA, momentum and RNG of one that never stopped."""
+    flags = ["--opt", "ssesam", "--eta", "20", "--opt-kwargs", "gamma=0.5", "--epochs", "3", "--train-aug", "crop",
+             "--sampler", "balanced", "--model-ema", "--model-ema-decay", "0.9"]
+    assert run(tmp_path, *flags, experiment="straight") == 0
+    assert run(tmp_path, *flags, "--stop-epoch", "1", experiment="stopped") == 0
+    assert load(tmp_path, "stopped")["epoch"] == 0
+    assert run(tmp_path, *flags, "--resume", "auto", experiment="stopped") == 0
+    a, b = load(tmp_path, "straight"), load(tmp_path, "stopped")
+    assert a["epoch"] == b["epoch"] == 2 and a["num_updates"] == b["num_updates"] == 18
+    for key in ("state_dict", "state_dict_ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    momentum_a, momentum_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert momentum_a.keys() == momentum_b.keys()
+    assert all(torch.equal(momentum_a[k]["momentum_buffer"], momentum_b[k]["momentum_buffer"]) for k in momentum_a)
+    assert a["optimizer"]["ltsam"] == b["optimizer"]["ltsam"]
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    rows = (tmp_path / "stopped" / "summary.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
+
+
+def test_nan_loss_stops_naming_step_batch_and_value_and_keeps_last_checkpoint(tmp_path, capsys):
+    # epoch 0 trains at lr 0.01, epoch 1 at 1e10: the loss blows up within epoch 1
+    code = run(tmp_path, "--sched", "step", "--decay-epochs", "1", "--decay-rate", "1e12", "--lr", "0.01",
+               "--epochs", "3")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "at epoch 1, update" in err and "(batch" in err and ("loss is nan" in err or "loss is inf" in err)
+    assert "last good checkpoint" in err
+    assert load(tmp_path)["epoch"] == 0
+
+
+def test_folder_with_another_runs_checkpoint_is_refused_unless_resumed_or_overwritten(tmp_path):
+    assert run(tmp_path, "--epochs", "1") == 0
+    with pytest.raises(SystemExit, match="holds another run's checkpoint.*--resume auto.*--overwrite"):
+        run(tmp_path, "--epochs", "1")
+    assert run(tmp_path, "--epochs", "1", "--overwrite") == 0
+    assert len((tmp_path / "run" / "summary.csv").read_text().splitlines()) == 2
+
+
+def test_tta_final_report(tmp_path):
+    assert run(tmp_path, "--epochs", "1", "--tta") == 0
+    assert __import__("json").loads((tmp_path / "run" / "results.json").read_text())["tta"] is True
+
+
+def test_yaml_config_sets_defaults_and_unknown_keys_are_named(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("opt: sam\nopt_kwargs: {rho: 0.1}\nepochs: 1\n")
+    assert run(tmp_path, "-c", str(good)) == 0
+    saved = (tmp_path / "run" / "args.yaml").read_text()
+    assert "opt: sam" in saved and "rho: 0.1" in saved
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("wieght-decay: 0.1\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml' has unknown key 'wieght-decay'; did you mean 'weight_decay'"):
+        run(tmp_path, "-c", str(bad))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stop-epoch", "5"], "--stop-epoch must lie in"),
+    (["--eta", "20"], "--eta .* applies to imbsam and ssesam"),
+    (["--opt", "nosuchopt"], "--opt nosuchopt"),
+    (["--opt", "ssesam", "--opt-kwargs", "head_rho=-1"], "head_rho=-1"),
+    (["--resume", "missing.pth.tar"], "--resume 'missing.pth.tar' does not exist"),
+    (["--dataset", "mnist-lt"], "needs root="),
+])
+def test_bad_flags_give_clear_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, *flags)
+    text = str(info.value.code) + capsys.readouterr().err
+    assert __import__("re").search(message, text), text
+
+
+def test_console_script_dispatches_and_suggests(capsys):
+    assert ltsam_cli(["trian"]) == 2
+    assert "did you mean 'train'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        ltsam_cli(["train", "--help"])
+    assert info.value.code == 0 and "--opt-kwargs" in capsys.readouterr().out
