@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-import ltsam  # noqa: F401
 import timm
 import torch
 import torch.distributed as dist
 from conftest import CLASS_COUNTS, batches, conv_gn_net
 from test_optim_exact import closure_for
+
+import ltsam  # noqa: F401
 
 
 def train(name: str, kwargs: dict, rank: int = 0, world: int = 1) -> torch.nn.Module:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA
+
 from ltsam.counts import load_class_counts
 from ltsam.data.factory import create_lt_dataset
 from ltsam.data.lt import lt_profile

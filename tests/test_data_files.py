@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from ltsam.data.factory import create_lt_dataset
 from PIL import Image
+
+from ltsam.data.factory import create_lt_dataset
 
 COUNTS = [4, 2, 1]
 

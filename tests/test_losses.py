@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from ltsam.counts import save_class_counts
 from ltsam.losses import create_loss
 

@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import CLASS_COUNTS
-from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report, shot_groups
 from PIL import Image
 from rich.console import Console
+
+from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report, shot_groups
 
 SPLIT = 37  # rank 0 scores the first 37 samples, rank 1 the other 63: uneven shares and last batches
 

@@ -6,15 +6,16 @@ import copy
 import io
 import json
 
-import ltsam  # noqa: F401
 import pytest
 import timm
 import timm.scheduler
 import torch
 from conftest import CLASS_COUNTS, batches, conv_bn_net
-from ltsam.optim import SSESAM
 from test_optim_exact import closure_for
 from torch import nn
+
+import ltsam  # noqa: F401
+from ltsam.optim import SSESAM
 
 NAMES = ["sam", "imbsam", "ssesam", "focalsam"]
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 
-import ltsam  # noqa: F401  (registers the optimizers)
 import official
 import pytest
 import timm
 import torch
 from conftest import CLASS_COUNTS, batches, conv_bn_net
 from torch import nn
+
+import ltsam  # noqa: F401  (registers the optimizers)
 
 LR, MOMENTUM, WD = 0.05, 0.9, 5e-4
 TAIL = torch.tensor([c for c, n in enumerate(CLASS_COUNTS) if n < 20])

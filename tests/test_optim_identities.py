@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 
-import ltsam  # noqa: F401
 import pytest
 import timm
 import torch
 from conftest import CLASS_COUNTS, batches, conv_bn_net, conv_gn_net
 from test_optim_exact import closure_for
 from torch import nn
+
+import ltsam  # noqa: F401
 
 HP = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, base="momentum")
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CLASS_COUNTS
+
 from ltsam.data.factory import create_lt_dataset
 from ltsam.data.samplers import ClassAwareSampler, RepeatFactorSampler, create_lt_loader, create_sampler
 

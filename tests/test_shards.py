@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
+from timm.data import create_dataset
+
 from ltsam.counts import load_class_counts
 from ltsam.data import shards
 from ltsam.data.shards import class_bucket, records_from_arrays, verify, write_shards
-from PIL import Image
-from timm.data import create_dataset
 
 # a long tail over 10 classes (imbalance 50): 556 samples
 LT_COUNTS = [int(200 * 0.02 ** (i / 9)) for i in range(10)]

@@ -7,15 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from test_shards import LT_COUNTS, lt_arrays, write_lt
+from timm.data import IterableImageDataset
+from torch.utils.data import DataLoader, get_worker_info
+
 from ltsam.data import stream
 from ltsam.data.balance import class_probabilities
 from ltsam.data.shards import records_from_arrays, write_shards
 from ltsam.data.stream import ClassAwareReaderWds, ShardLayout, StreamingDataset, mixing_plan
 from ltsam.data.wids_access import ShardIndexDataset
-from PIL import Image
-from test_shards import LT_COUNTS, lt_arrays, write_lt
-from timm.data import IterableImageDataset
-from torch.utils.data import DataLoader, get_worker_info
 
 TV_TOLERANCE = 0.05  # total variation between realised and target class shares
 

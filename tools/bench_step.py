@@ -1,8 +1,9 @@
 """Step time and peak memory of each SAM-family method: ltsam vs plain SGD vs the official schedule.
 
-Every (model, method) pair runs in its own subprocess, so each peak-memory reading starts clean; all pairs
-run in one invocation and the table gives ratios measured side by side. The official schedules are the
-plain re-derivations in tests/official.py (full-batch forwards, masks, one backward per loss).
+Step times are measured in one process, all variants interleaved round-robin, so load on the machine hits
+them alike and the ratios are side by side; each peak-memory reading comes from a process of its own. The
+official schedules are the plain re-derivations in tests/official.py (full-batch forwards, masks, one
+backward per loss).
 
     python tools/bench_step.py                       # CPU: small ResNet-18 (BatchNorm) and ViT-Tiny (LayerNorm)
     python tools/bench_step.py --device cuda --batch 256 --img 224 --json bench.json
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,25 +59,30 @@ def make_batch(batch: int, img: int, tail_share: float, device: str):
     return x.to(device), y.to(device)
 
 
+def peak_rss_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(model_key: str, method: str, official: bool, args: argparse.Namespace) -> dict:
-    """Time ``args.steps`` steps of one (model, method) pair after ``args.warmup`` warm-up steps."""
+def build_step(model_key: str, method: str, official: bool, args: argparse.Namespace):
+    """A fresh model (same seed for every variant) and a function running one step of the variant."""
     import timm
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    import ltsam  # noqa: F401
     import official as official_steps
+
+    import ltsam  # noqa: F401
 
     torch.manual_seed(0)
     arch, extra = MODELS[model_key]
-    model = timm.create_model(arch, num_classes=NUM_CLASSES, img_size=args.img, **extra) if "vit" in arch \
-        else timm.create_model(arch, num_classes=NUM_CLASSES)
-    model.to(args.device).train()
+    size = {"img_size": args.img} if "vit" in arch else {}
+    model = timm.create_model(arch, num_classes=NUM_CLASSES, **size, **extra).to(args.device).train()
     x, y = make_batch(args.batch, args.img, args.tail_share, args.device)
     counts = class_counts(20)
     name, kwargs, official_name, official_kwargs = METHODS[method]
@@ -88,74 +93,97 @@ def worker(model_key: str, method: str, official: bool, args: argparse.Namespace
         xs, ys = (x, y) if index is None else (x[index], y[index])
         return torch.nn.functional.cross_entropy(model(xs), ys, reduction="none")
 
-    if official:
+    if official or name == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        tail = torch.arange(NUM_CLASSES - 20, NUM_CLASSES, device=args.device)
+    if official:
         fn = getattr(official_steps, official_name)
         if name in ("imbsam", "ssesam"):
-            official_kwargs = dict(official_kwargs, tail_classes=tail)
+            official_kwargs = dict(official_kwargs, tail_classes=torch.arange(NUM_CLASSES - 20, NUM_CLASSES,
+                                                                              device=args.device))
         if name == "focalsam":
             official_kwargs = dict(official_kwargs, class_counts=counts)
-
-        def step():
-            fn(model, opt, x, y, **official_kwargs)
-    elif name == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-        def step():
+        return lambda: fn(model, opt, x, y, **official_kwargs)
+    if name == "sgd":
+        def sgd_step():
             opt.zero_grad(set_to_none=True)
             criterion().mean().backward()
             opt.step()
-    else:
-        if name != "sam":
-            kwargs.update(class_counts=counts)
-        if name in ("imbsam", "ssesam"):
-            kwargs.update(eta=20)
-        if name == "ssesam":
-            kwargs.update(epochs=2, gamma=0.5)
-        opt = timm.optim.create_optimizer_v2(model, opt=name, lr=0.01, weight_decay=5e-4, base="momentum", **kwargs)
-        opt.attach(model).set_epoch(1 if stage2 else 0)
+        return sgd_step
+    if name != "sam":
+        kwargs.update(class_counts=counts)
+    if name in ("imbsam", "ssesam"):
+        kwargs.update(eta=20)
+    if name == "ssesam":
+        kwargs.update(epochs=2, gamma=0.5)
+    sam = timm.optim.create_optimizer_v2(model, opt=name, lr=0.01, weight_decay=5e-4, base="momentum", **kwargs)
+    sam.attach(model).set_epoch(1 if stage2 else 0)
+    return lambda: sam.step(criterion, targets=y)
 
-        def step():
-            opt.step(criterion, targets=y)
+
+def variants() -> list[tuple[str, bool]]:
+    return [(method, official) for method in METHODS for official in (False, True)
+            if not (official and method == "sgd")]
+
+
+def time_model(model_key: str, args: argparse.Namespace, progress, task) -> dict:
+    """Median step time of every variant, interleaved round-robin so load on the machine hits all alike."""
+    import torch
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
-    else:
-        base_mem = rss_bytes()
-    for _ in range(args.warmup):
-        step()
-    sync()
-    times = []
+    steps = {v: build_step(model_key, *v, args) for v in variants()}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict = {v: [] for v in steps}
     for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+        for v, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[v].append(time.perf_counter() - start)
+        progress.advance(task)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def peak_memory(model_key: str, method: str, official: bool, args: argparse.Namespace) -> int:
+    """Peak memory of one step above what the model, data and optimizer hold before it (run alone)."""
+    import torch
+
+    step = build_step(model_key, method, official, args)
     if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() - base_mem
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_mem
-    return {"time": statistics.median(times), "peak": max(peak, 0)}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        step()
+        return torch.cuda.max_memory_allocated() - base
+    base = rss_bytes()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    step()
+    step()
+    return max(peak_rss_bytes() - base, 0)
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:
     from rich.progress import Progress
 
-    jobs = [(m, meth, off) for m in args.models for meth in METHODS for off in (False, True)
-            if not (off and meth == "sgd")]
     rows = []
     with Progress() as progress:
-        task = progress.add_task("benchmarking", total=len(jobs))
-        for model_key, method, official in jobs:
-            cmd = [sys.executable, __file__, "--worker", model_key, method, str(int(official)), *sys.argv[1:]]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                raise RuntimeError(f"{model_key}/{method} failed:\n{out.stderr[-2000:]}")
-            rows.append({"model": model_key, "method": method, "official": official, **json.loads(out.stdout)})
-            progress.advance(task)
+        mem_task = progress.add_task("peak memory (one process each)", total=len(args.models) * len(variants()))
+        time_task = progress.add_task("step time (interleaved)", total=len(args.models) * args.steps)
+        for model_key in args.models:
+            for method, official in variants():
+                cmd = [sys.executable, __file__, "--worker", model_key, method, str(int(official)), *sys.argv[1:]]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{model_key}/{method} failed:\n{out.stderr[-2000:]}")
+                rows.append({"model": model_key, "method": method, "official": official,
+                             "peak": int(out.stdout.strip().splitlines()[-1])})
+                progress.advance(mem_task)
+            for (method, official), seconds in time_model(model_key, args, progress, time_task).items():
+                row = next(r for r in rows if (r["model"], r["method"], r["official"]) == (model_key, method, official))
+                row["time"] = seconds
     return rows
 
 
@@ -208,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         model_key, method, official = args.worker
-        print(json.dumps(worker(model_key, method, official == "1", args)))
+        print(peak_memory(model_key, method, official == "1", args))
         return
     rows = run_all(args)
     report(rows, args)

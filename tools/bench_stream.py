@@ -20,14 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from ltsam.data.shards import records_from_folder, write_shards
-from ltsam.data.stream import StreamingDataset
-from ltsam.data.wids_access import ShardIndexDataset
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, RandomSampler
+
+from ltsam.data.shards import records_from_folder, write_shards
+from ltsam.data.stream import StreamingDataset
+from ltsam.data.wids_access import ShardIndexDataset
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]

@@ -80,6 +80,8 @@ class SAMFamily(torch.optim.Optimizer):
         super().__init__(self.base_optimizer.param_groups, self.base_optimizer.defaults)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        # the model's own tensors: DeepSpeed's ZeRO later swaps the groups' params for flat partitions
+        self._model_params = [p for group in self.param_groups for p in group["params"]]
         self.defaults.update(base=base, adaptive=adaptive, bn_mode=bn_mode)
         self.adaptive = adaptive
         self.bn_mode = bn_mode
@@ -195,7 +197,7 @@ class SAMFamily(torch.optim.Optimizer):
                 f"{type(self).__name__} has no model attached: call opt.attach(model) once before training "
                 "(it keeps BatchNorm buffers exact and allows subset forwards)"
             )
-        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        params = [p for p in self._model_params if p.requires_grad]
         self.last_passes = PassCount()
         scale = 1.0
         if scaler is not None and scaler.is_enabled():  # scale() also initialises a fresh scaler
