@@ -228,7 +228,7 @@ class SAMFamily(torch.optim.Optimizer):
             weightings.append(flat)
         grads_at_w, loss_value = self._grads_at_w(closure, first, weightings, params, scale, not coupled, replay)
         total = grads_at_w.pop() if has_flat else _zeros(params)
-        directions = iter(grads_at_w)
+        directions = grads_at_w  # popped one by one, so each is freed once its group is done
         self._sync(total)
 
         backup = [p.detach().clone() for p in params] if any(active) else []
@@ -238,7 +238,7 @@ class SAMFamily(torch.optim.Optimizer):
             if not is_active:
                 self._replay_bn(replay)  # ... and one at w + 0 when the group has no perturbed pass
                 continue
-            direction = next(directions)
+            direction = directions.pop(0)
             self._sync(direction)
             self._perturb(params, direction, group.rho)
             grads = self._perturbed_grads(closure, group.perturbed, params, scale, coupled, bn_layers)
