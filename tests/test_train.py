@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ltsam.cli import main as ltsam_cli
 from ltsam.train import main as train_main
 

@@ -16,13 +16,32 @@ import torch
 import torch.distributed as dist
 from timm.utils import init_distributed_device
 from torch import nn
+from torch.distributed.rendezvous import _rendezvous_handlers, register_rendezvous_handler, rendezvous
+
+ATTEMPT_SCHEME = "ltsam-attempt"
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """timm's ``init_distributed_device``: env:// (torchrun), gloo on CPU, nccl on CUDA."""
+    """timm's ``init_distributed_device``: env:// (torchrun), gloo on CPU, nccl on CUDA.
+
+    Under torchrun the agent's store outlives a failed group, and a restarted group reading it would find the
+    dead workers' addresses (gloo: "connectFullMesh failed ... Connection refused"); every attempt therefore
+    rendezvouses under its own key prefix.
+    """
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ and getattr(args, "dist_url", None) is None:
+        if ATTEMPT_SCHEME not in _rendezvous_handlers:
+            register_rendezvous_handler(ATTEMPT_SCHEME, _attempt_rendezvous)
+        args.dist_url = f"{ATTEMPT_SCHEME}://"
     return init_distributed_device(args)
+
+
+def _attempt_rendezvous(url: str, **kwargs):
+    """env:// rendezvous whose store keys are prefixed with torchrun's restart count."""
+    store, rank, world_size = next(rendezvous("env://", **kwargs))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    yield dist.PrefixStore(f"ltsam/attempt_{attempt}", store), rank, world_size
 
 
 def is_distributed() -> bool:

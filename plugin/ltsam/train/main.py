@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ltsam train`` and ``python -m ltsam.train``; returns the exit status."""
     args = cli_args.parse_args(argv)
     device = dist_utils.setup(args)
-    console = Console(stderr=True, quiet=args.rank != 0)
+    console = Console(stderr=True, quiet=args.rank != 0, soft_wrap=True)
     try:
         train(args, device, console)
     except NonFiniteLoss as err:
