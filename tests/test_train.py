@@ -103,6 +103,8 @@ def test_yaml_config_sets_defaults_and_unknown_keys_are_named(tmp_path):
     assert run(tmp_path, "-c", str(good)) == 0
     saved = (tmp_path / "run" / "args.yaml").read_text()
     assert "opt: sam" in saved and "rho: 0.1" in saved
+    # the exact configuration written is a valid config again
+    assert run(tmp_path, "-c", str(tmp_path / "run" / "args.yaml"), "--experiment", "again") == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text("wieght-decay: 0.1\n")
     with pytest.raises(SystemExit, match=r"bad.yaml' has unknown key 'wieght-decay'; did you mean 'weight_decay'"):

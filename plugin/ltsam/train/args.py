@@ -223,7 +223,7 @@ def experiment_name(args: argparse.Namespace) -> str:
 
 def save_args(args: argparse.Namespace, path: Path) -> None:
     """The exact configuration run, loadable again with ``-c``."""
-    skip = {"config", "distributed", "world_size", "rank", "local_rank", "device_type"}
+    skip = {"config", "distributed", "world_size", "rank", "local_rank", "dist_url"}  # per process, not config
     cfg = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     cfg["device"] = str(cfg.get("device"))
     tmp = path.with_name(path.name + ".tmp")
