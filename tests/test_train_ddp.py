@@ -58,3 +58,31 @@ def test_killed_worker_restarts_group_which_resumes_to_the_same_weights(tmp_path
     assert resumed["num_updates"] == straight["num_updates"] == 12
     for name, tensor in straight["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][name]), name
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_run_makes_the_same_updates_as_plain_ranks(tmp_path, stage):
+    """SSE-SAM through DeepSpeed ZeRO 1/2 (fp32, 2 gloo ranks) ends with the weights of the plain 2-rank run."""
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "ds_config.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    flags = ["--opt", "ssesam", "--eta", "20", "--opt-kwargs", "gamma=0.5", "--dist-bn", ""]
+    torchrun(tmp_path, "plain", *flags)
+    torchrun(tmp_path, "ds", *flags, "--deepspeed-config", str(config), "--zero-stage", str(stage),
+             env={"DS_ACCELERATOR": "cpu"})
+    plain, ds = weights(tmp_path, "plain"), weights(tmp_path, "ds")
+    assert ds["optimizer"]["ltsam"] == plain["optimizer"]["ltsam"] and ds["num_updates"] == 12
+    for name, tensor in plain["state_dict"].items():
+        assert torch.allclose(tensor.float(), ds["state_dict"][name].float(), atol=1e-5), name
+
+
+def test_deepspeed_zero3_with_a_sam_optimizer_is_refused(tmp_path):
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "ds_config.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
+           "ltsam.train", *TINY, "--output", str(tmp_path), "--opt", "sam", "--deepspeed-config", str(config)]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "zero_optimization.stage=3 with SAM" in result.stderr

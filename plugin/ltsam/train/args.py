@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
                        help="how BatchNorm buffers are made equal across ranks at the end of each epoch")
+    group.add_argument("--deepspeed-config", default=None,
+                       help="train through DeepSpeed with this ds_config JSON (ZeRO 0, 1 or 2; bf16 or fp32)")
+    group.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
+                       help="override the ds_config's zero_optimization.stage")
 
     group = parser.add_argument_group("Evaluation and output")
     group.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and at the end)")

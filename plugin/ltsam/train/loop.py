@@ -1,8 +1,8 @@
 """One training epoch and one evaluation pass.
 
 Every update goes through :func:`train_step`, the single place that knows how an optimizer consumes a batch:
-plain timm optimizers (backward + step), the SAM family (a closure of per-sample losses), and later a
-DeepSpeed engine (``sam_gradient`` + ``engine.step``) as one more branch.
+plain timm optimizers (backward + step), the SAM family (a closure of per-sample losses), and either of them
+inside a DeepSpeed engine (``engine.backward`` + ``engine.step``; the SAM family through ``sam_gradient``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from ltsam.metrics import LongTailAccuracy
 from ltsam.optim import SAMFamily
+from ltsam.optim import deepspeed as ltsam_deepspeed
 from ltsam.train.distributed import all_reduce_sum
 
 # test-only fault injection: rank LTSAM_FAULT_RANK (default 1) calls os._exit(1) right after update
@@ -47,6 +48,7 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     clip_grad: float | None = None
     clip_mode: str = "norm"
+    engine: object | None = None  # a DeepSpeed engine, which then owns backward, clipping and the step
 
     @property
     def sam(self) -> bool:
@@ -55,13 +57,22 @@ class StepContext:
 
 def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
     """One optimizer update on the batch; returns this rank's mean loss (detached)."""
+    if ctx.engine is not None:
+        x = x.to(next(ctx.module.parameters()).dtype)  # DeepSpeed's bf16 mode holds bf16 weights
     if ctx.sam:
         def closure(index: Tensor | None = None) -> Tensor:
             xs, ys = (x, y) if index is None else (x[index], y[index])
             with ctx.autocast():
-                return ctx.criterion(ctx.module(xs), ys)
+                return ctx.criterion(ctx.module(xs).float(), ys)
 
+        if ctx.engine is not None:
+            return ltsam_deepspeed.step(ctx.engine, ctx.optimizer, closure, targets=y)
         return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler)
+    if ctx.engine is not None:
+        loss = ctx.criterion(ctx.engine(x).float(), y).mean()
+        ctx.engine.backward(loss)
+        ctx.engine.step()
+        return loss.detach()
 
     ctx.optimizer.zero_grad(set_to_none=True)
     with ctx.autocast():
@@ -133,8 +144,9 @@ def evaluate(module: nn.Module, loader: DataLoader, meter: LongTailAccuracy, tta
     """
     module.eval()
     meter.reset()
+    dtype = next(module.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
     for x, y in loader:
-        x = x.to(device, non_blocking=True)
+        x = x.to(device, dtype=dtype, non_blocking=True)
         with autocast():
             logits = module(x).float()
             if tta:

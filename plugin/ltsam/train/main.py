@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import sys
 import time
 from contextlib import nullcontext
@@ -95,6 +96,40 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, counts_fil
         raise SystemExit(f"ltsam train: cannot build --opt {args.opt}: {err}") from err
 
 
+def start_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """Wrap model and optimizer in a DeepSpeed engine built from ``--deepspeed-config`` (+ ``--zero-stage``).
+
+    The batch size, accumulation (1) and clipping come from ltsam's own flags, so the update is the one the
+    same flags give without DeepSpeed. Checkpoints hold the full weights and, at ZeRO 0, the optimizer state;
+    at ZeRO 1/2 the optimizer state is partitioned over ranks, so resuming such a run is refused.
+    """
+    from ltsam.optim.deepspeed import DeepSpeedConfigError, initialize
+
+    path = Path(args.deepspeed_config)
+    if not path.is_file():
+        raise SystemExit(f"ltsam train: --deepspeed-config '{path}' does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"ltsam train: --deepspeed-config '{path}' is not valid JSON: {err}") from err
+    if args.zero_stage is not None:
+        config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": args.zero_stage}
+    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if args.resume and stage > 0 and args.world_size > 1:
+        raise SystemExit(f"ltsam train: --resume with ZeRO stage {stage}: the optimizer state is partitioned over "
+                         "ranks and ltsam's checkpoints hold rank 0's share only; resume with --zero-stage 0")
+    if args.amp and not config.get("bf16", {}).get("enabled"):
+        raise SystemExit("ltsam train: under DeepSpeed set precision in the ds_config (bf16.enabled), not --amp")
+    config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1,
+                  train_batch_size=args.batch_size * args.world_size)
+    config.setdefault("gradient_clipping", args.clip_grad or 0.0)
+    try:
+        engine, _, _ = initialize(model, optimizer, config)
+    except DeepSpeedConfigError as err:
+        raise SystemExit(f"ltsam train: --deepspeed-config '{path}': {err}") from err
+    return engine
+
+
 def train(args: argparse.Namespace, device: torch.device, console: Console) -> None:
     start_time = time.perf_counter()
     primary = args.rank == 0
@@ -138,10 +173,13 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
         loaded = load_training_state(resume, model, optimizer, scheduler, scaler, model_ema, saver, args.rank)
         state.epoch, state.num_updates = loaded.epoch, loaded.num_updates
         console.print(f"resumed from '{resume}' at epoch {state.epoch} (update {state.num_updates})")
-    forward_model = model
-    if args.distributed and not sam:
+    forward_model, engine = model, None
+    if args.deepspeed_config:
+        engine = start_deepspeed(args, model, optimizer)
+    elif args.distributed and not sam:
         forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    ctx = StepContext(forward_model, model, optimizer, criterion, autocast, scaler, args.clip_grad, args.clip_mode)
+    ctx = StepContext(forward_model, model, optimizer, criterion, autocast, scaler, args.clip_grad, args.clip_mode,
+                      engine)
     meter = LongTailAccuracy(counts, (args.many_shot, args.few_shot))
 
     if primary:
