@@ -16,7 +16,9 @@ from timm.data import create_dataset
 
 from ltsam.counts import load_class_counts
 from ltsam.data import shards
-from ltsam.data.shards import class_bucket, records_from_arrays, verify, write_shards
+from ltsam.data.files import read_image_folder
+from ltsam.data.lt import LTArrayDataset, lt_profile
+from ltsam.data.shards import class_bucket, records_from_arrays, records_from_samples, verify, write_shards
 
 # a long tail over 10 classes (imbalance 50): 556 samples
 LT_COUNTS = [int(200 * 0.02 ** (i / 9)) for i in range(10)]
@@ -57,7 +59,8 @@ def test_class_bucket_is_log2_bins():
 
 def test_folder_keeps_bytes_and_timm_reads_it(tmp_path):
     make_folder(tmp_path / "src")
-    records, names = shards.records_from_folder(tmp_path / "src")
+    samples, names = read_image_folder(tmp_path / "src")
+    records = records_from_samples(samples)
     entry = write_shards(records, tmp_path / "out", maxcount=4, class_names=names, show_progress=False)
     assert entry["num_samples"] == 10 and entry["class_counts"] == [6, 3, 1]
     assert load_class_counts(tmp_path / "out" / "train_class_counts.json") == [6, 3, 1]
@@ -74,6 +77,12 @@ def test_folder_keeps_bytes_and_timm_reads_it(tmp_path):
     labels = sorted(int(y) for _, y in ds)
     assert labels == [0] * 6 + [1] * 3 + [2]
     assert verify(tmp_path / "out") == []
+    # the same folder named as a data set: file-based sets are written from their samples, bytes kept
+    argv = ["write", "--dataset", "folder", "--data-dir", str(tmp_path / "src"), "--maxcount", "4"]
+    assert shards.main([*argv, "--out", str(tmp_path / "named"), "--workers", "1"]) == 0
+    assert sorted(p.read_bytes() for p in (tmp_path / "named").glob("*.tar")) == sorted(
+        p.read_bytes() for p in (tmp_path / "out").glob("*.tar")
+    )
 
 
 def test_list_file_groups_shards_by_frequency_bucket(tmp_path):
@@ -115,6 +124,50 @@ def test_list_file_groups_shards_by_frequency_bucket(tmp_path):
         )
     assert len(set(entry["shard_buckets"])) == len({class_bucket(n) for n in counts})
     assert shards.main(["verify", str(out), "--workers", "1"]) == 0
+
+
+def test_named_dataset_is_written_with_its_lt_profile(tmp_path, monkeypatch):
+    # in-memory sets (cifar10-lt, cifar100-lt, mnist-lt) are written from their uint8 arrays as PNG
+    calls = []
+
+    def fake_lt_dataset(name, root, split, imb_factor, n_max):
+        calls.append((name, root, split, imb_factor, n_max))
+        counts = lt_profile(10, n_max, imb_factor)
+        images, labels = lt_arrays(counts)
+        return LTArrayDataset(images, labels, counts, keys=[f"train_{i:05d}" for i in range(len(labels))])
+
+    monkeypatch.setattr(shards, "create_lt_dataset", fake_lt_dataset)
+    argv = ["write", "--dataset", "cifar10-lt", "--data-dir", "/data", "--imb-factor", "10", "--n-max", "50"]
+    assert shards.main([*argv, "--out", str(tmp_path), "--workers", "1"]) == 0
+    assert calls == [("cifar10-lt", "/data", "train", 10.0, 50)]
+    entry = json.loads((tmp_path / "_info.json").read_text())["splits"]["train"]
+    assert entry["class_counts"] == lt_profile(10, 50, 10)
+    sample = shard_samples(tmp_path / entry["filenames"][0])[0]
+    assert sample["__key__"].startswith("train_") and "png" in sample
+    assert verify(tmp_path) == []
+
+
+def test_inat_json_keeps_category_names(tmp_path):
+    make_folder(tmp_path / "img", counts=(2, 1))
+    files = sorted((tmp_path / "img").rglob("img.*"))
+    data = {
+        "images": [{"id": i, "file_name": str(f.relative_to(tmp_path / "img"))} for i, f in enumerate(files)],
+        "annotations": [{"id": i, "image_id": i, "category_id": int(f.parent.name[-1])} for i, f in enumerate(files)],
+        "categories": [{"id": 1, "name": "Bufo"}, {"id": 0, "name": "Abies"}],
+    }
+    (tmp_path / "train2018.json").write_text(json.dumps(data))
+    argv = ["write", "--inat", str(tmp_path / "train2018.json"), "--root", str(tmp_path / "img")]
+    assert shards.main([*argv, "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    entry = json.loads((tmp_path / "out" / "_info.json").read_text())["splits"]["train"]
+    assert entry["class_counts"] == [2, 1] and entry["class_names"] == ["Abies", "Bufo"]
+    with pytest.raises(SystemExit):
+        shards.main([*argv, "--imb-factor", "10", "--out", str(tmp_path / "out")])
+
+
+def test_list_file_errors_name_file_and_line(tmp_path):
+    (tmp_path / "train.txt").write_text("a.jpg 0\nb.jpg\n")
+    with pytest.raises(ValueError, match=r"train.txt, line 2"):
+        shards.main(["write", "--list", str(tmp_path / "train.txt"), "--out", str(tmp_path / "out")])
 
 
 def test_arrays_become_png_and_wids_index_matches(tmp_path):

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from ltsam.data import stream
 from ltsam.data.balance import class_probabilities
+from ltsam.data.samplers import ClassAwareSampler
 from ltsam.data.shards import records_from_arrays, write_shards
 from ltsam.data.stream import ClassAwareReaderWds, ShardLayout, StreamingDataset, mixing_plan
 from ltsam.data.wids_access import ShardIndexDataset
@@ -154,6 +155,20 @@ def test_wids_random_access(lt_root):
     for i in np.random.default_rng(0).choice(len(ds), 50):
         ident, label = ds[int(i)]
         assert label == ds.targets[i] == ident[1]
+
+
+def test_wids_exact_class_aware_sampling_over_two_ranks(lt_root):
+    # the map-style sampler runs unchanged over the shards: labels come from the index, images from the tars
+    ds = ShardIndexDataset(lt_root, transform=identify)
+    labels, indices = [], []
+    for rank in (0, 1):
+        sampler = ClassAwareSampler(ds, "balanced", num_samples=2000, num_replicas=2, rank=rank, seed=1)
+        for x, y in DataLoader(ds, batch_size=50, sampler=sampler):
+            assert (x[:, 1] == y).all()
+            labels += y.tolist()
+            indices += x[:, 0].tolist()
+    assert len(labels) == 2000 and len(set(indices)) > 0.5 * sum(LT_COUNTS)
+    assert total_variation(labels, class_probabilities(LT_COUNTS, "balanced")) < TV_TOLERANCE
 
 
 def test_timm_reader_class_aware(lt_root):

@@ -2,16 +2,19 @@
 
 Default data: CIFAR-10-LT (imbalance 100, 12,406 JPEGs) cut from ../shared/data/cifar10 when present, else a
 generated long-tailed set of 32x32 JPEGs. The same image bytes are written once as an ImageFolder and once as
-log2-bucketed shards; each loader then reads ``--samples`` images (worker start included), in alternating
-rounds, and the median rate per loader is reported.
+log2-bucketed shards; each loader then reads ``--samples`` images (worker start included) per round, the
+loaders taking turns round-robin in one process. Reported per loader: median and range of images/s (wall
+and CPU), and of its ratio to the plain stream measured in the same round; an A/A row (the plain stream
+again) shows how large a ratio's noise is on this machine.
 
-    python tools/bench_stream.py [--workers 0] [--rounds 5] [--samples 2048] [--img-size 32]
+    python tools/bench_stream.py [--workers 0] [--rounds 9] [--samples 2048] [--img-size 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import resource
 import statistics
 import tempfile
 import time
@@ -26,12 +29,15 @@ from rich.table import Table
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, RandomSampler
 
-from ltsam.data.shards import records_from_folder, write_shards
+from ltsam.data.files import read_image_folder
+from ltsam.data.lt import lt_profile
+from ltsam.data.shards import records_from_samples, write_shards
 from ltsam.data.stream import StreamingDataset
 from ltsam.data.wids_access import ShardIndexDataset
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
-CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+PLAIN = "stream, plain (instance)"
+CIFAR10_LT_100 = lt_profile(10, 5000, 100)
 
 
 def make_folder(folder: Path) -> None:
@@ -54,10 +60,23 @@ def make_folder(folder: Path) -> None:
             (folder / f"{label:02d}" / f"{i}.jpg").write_bytes(buf.getvalue())
 
 
-def images_per_second(make_loader: Callable[[], DataLoader]) -> tuple[int, float]:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the loader workers): less exposed than wall time to
+    other jobs on a shared machine."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def measure(make_loader: Callable[[], DataLoader]) -> tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds) of one pass over a fresh loader, worker start included."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
     n = sum(len(y) for _, y in make_loader())
-    return n, n / (time.perf_counter() - start)
+    return n, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    """Median and range: the range says how far apart a difference must be before it means anything."""
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def main() -> None:
@@ -65,19 +84,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="loader workers (0: in-process, least noisy)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--samples", type=int, default=2048, help="images per loader per round")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=132)
     transform = create_transform(args.img_size, is_training=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder, shard_dir = Path(tmp, "folder"), Path(tmp, "shards")
         folder.mkdir()
         make_folder(folder)
-        records, names = records_from_folder(folder)
-        write_shards(records, shard_dir, class_names=names, min_shards_per_group=max(1, args.workers),
-                     num_workers=2, show_progress=False)
-        n = len(records)
+        samples, names = read_image_folder(folder)
+        write_shards(records_from_samples(samples), shard_dir, class_names=names,
+                     min_shards_per_group=max(1, args.workers), num_workers=2, show_progress=False)
+        n = len(samples)
         bs, w = args.batch_size, args.workers
 
         def stream(mode: str) -> Callable[[], DataLoader]:
@@ -92,27 +111,34 @@ def main() -> None:
         folder_ds = create_dataset("", root=str(folder), is_training=True, transform=transform)
         wids_ds = ShardIndexDataset(shard_dir, transform=transform)
         loaders = {
-            "stream, plain (instance)": stream("instance"),
+            PLAIN: stream("instance"),
+            "stream, plain again (A/A control)": stream("instance"),
             "stream, class-aware (balanced)": stream("balanced"),
             "stream, class-aware (sqrt)": stream("sqrt"),
             "ImageFolder, shuffled": shuffled(folder_ds),
             "wids random access, shuffled": shuffled(wids_ds),
         }
-        results: dict[str, list[float]] = {k: [] for k in loaders}
+        names_in_order = list(loaders)
+        wall: dict[str, list[float]] = {k: [] for k in loaders}
+        cpu: dict[str, list[float]] = {k: [] for k in loaders}
         counts: dict[str, int] = {}
-        for _ in range(args.rounds):
-            for name, make in loaders.items():
-                counts[name], rate = images_per_second(make)
-                results[name].append(rate)
-    plain = statistics.median(results["stream, plain (instance)"])
+        for r in range(args.rounds):
+            # round-robin, starting one loader later each round, so no loader always runs first or after another
+            for name in names_in_order[r % len(loaders) :] + names_in_order[: r % len(loaders)]:
+                counts[name], seconds, cpu_s = measure(loaders[name])
+                wall[name].append(counts[name] / seconds)
+                cpu[name].append(counts[name] / cpu_s)
     table = Table(title=f"{n}-image LT set, {args.img_size}px train transform, batch {bs}, {w} workers, "
-                        f"median of {args.rounds} rounds")
-    for col in ("loader", "images/round", "images/s", "vs plain stream"):
+                        f"{args.rounds} interleaved rounds of {args.samples} images: median (min-max)")
+    for col in ("loader", "images/s", "images per CPU-s", "vs plain, paired per round", "vs plain, CPU"):
         table.add_column(col, justify="left" if col == "loader" else "right")
-    for name, rates in results.items():
-        rate = statistics.median(rates)
-        table.add_row(name, str(counts[name]), f"{rate:,.0f}", f"{rate / plain:.2f}x")
+    for name in loaders:
+        ratio = [a / b for a, b in zip(wall[name], wall[PLAIN])]
+        cpu_ratio = [a / b for a, b in zip(cpu[name], cpu[PLAIN])]
+        table.add_row(name, spread(wall[name]), spread(cpu[name]), spread(ratio, "{:.2f}x"),
+                      spread(cpu_ratio, "{:.2f}x"))
     console.print(table)
+    console.print("The A/A row reads the same loader twice: its range is the noise floor of a ratio.")
 
 
 if __name__ == "__main__":

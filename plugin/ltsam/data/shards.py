@@ -37,6 +37,8 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ltsam.counts import save_class_counts
+from ltsam.data.factory import LT_DATASETS, create_lt_dataset
+from ltsam.data.files import read_image_folder, read_inat_json, read_list_file
 
 # (key, image, label): image is a file path, encoded bytes, an HxW[xC] uint8 array or a PIL image
 Record = tuple[str, "str | os.PathLike | bytes | np.ndarray | Image.Image", int]
@@ -72,24 +74,29 @@ def load_info(root: str | os.PathLike) -> dict:
 # ----------------------------------------------------------------------------------------------- sources
 
 
-def records_from_samples(
-    samples: Iterable[tuple[str, int]], root: str | os.PathLike | None = None
-) -> list[Record]:
-    """Records from ``(path, label)`` pairs (the ``samples`` of a map-style data set); keys are the paths
-    relative to ``root`` without their suffix, so they stay unique and readable."""
-    out = []
-    for path, label in samples:
-        full = Path(root, path) if root is not None else Path(path)
-        rel = Path(os.path.relpath(full, root)) if root is not None else Path(path)
-        out.append((rel.with_suffix("").as_posix(), full, int(label)))
-    return out
+def records_from_samples(samples: Iterable[tuple[str, int]]) -> list[Record]:
+    """Records from ``(path, label)`` pairs (``ltsam.data.files`` readers, a data set's ``samples``); the source
+    bytes are kept. Keys are the paths relative to their common folder, without suffix: unique and readable."""
+    samples = [(os.path.abspath(path), int(label)) for path, label in samples]
+    root = os.path.commonpath([os.path.dirname(path) for path, _ in samples]) if samples else "."
+    return [(Path(os.path.relpath(path, root)).with_suffix("").as_posix(), path, label) for path, label in samples]
 
 
-def records_from_arrays(images: np.ndarray, labels: Sequence[int], prefix: str = "") -> list[Record]:
+def records_from_arrays(images: np.ndarray, labels: Sequence[int], keys: Sequence[str] | None = None) -> list[Record]:
     """Records from an image array (N, H, W[, C]) such as CIFAR-LT; written as PNG."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    return [(f"{prefix}{i:07d}", images[i], int(y)) for i, y in enumerate(labels)]
+    keys = keys if keys is not None else [f"{i:07d}" for i in range(len(labels))]
+    return [(key, image, int(y)) for key, image, y in zip(keys, images, labels)]
+
+
+def records_from_dataset(dataset) -> list[Record]:
+    """Records of a :func:`ltsam.data.factory.create_lt_dataset` data set: file-based ones through their
+    ``samples`` (bytes kept), in-memory ones through their uint8 ``images`` (PNG), so the LT profile the
+    data set applied is what gets written."""
+    if hasattr(dataset, "samples"):
+        return records_from_samples(dataset.samples)
+    return records_from_arrays(dataset.images, dataset.targets, getattr(dataset, "keys", None))
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -439,62 +446,58 @@ def verify(root: str | os.PathLike, split: str | None = None, num_workers: int =
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def records_from_list(list_file: str | os.PathLike, root: str | os.PathLike) -> list[Record]:
-    """ImageNet-LT / iNat ``path label`` list file, paths relative to ``root``."""
-    pairs = [line.rsplit(maxsplit=1) for line in Path(list_file).read_text().splitlines() if line.strip()]
-    return records_from_samples(((path, int(label)) for path, label in pairs), root)
+def _inat_class_names(json_file: str | os.PathLike) -> list[str]:
+    """Category names by ``category_id``, kept in the metadata since some code bases re-map labels by name."""
+    categories = json.loads(Path(json_file).read_text()).get("categories") or []
+    cats = {c["id"]: c.get("name", str(c["id"])) for c in categories}
+    return [cats.get(i, str(i)) for i in range(max(cats) + 1)] if cats else []
 
 
-def records_from_inat(
-    json_file: str | os.PathLike, root: str | os.PathLike
-) -> tuple[list[Record], list[str]]:
-    """iNaturalist-2018 COCO-style JSON: labels are ``category_id`` (names kept in the metadata)."""
-    data = json.loads(Path(json_file).read_text())
-    files = {img["id"]: img["file_name"] for img in data["images"]}
-    cats = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
-    names = [cats.get(i, str(i)) for i in range(max(cats) + 1)]
-    return records_from_samples(
-        ((files[a["image_id"]], a["category_id"]) for a in data["annotations"]), root
-    ), names
-
-
-def records_from_folder(root: str | os.PathLike) -> tuple[list[Record], list[str]]:
-    """ImageFolder layout, classes in sorted folder order (torchvision's rules)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
-    classes, class_to_idx = find_classes(os.fspath(root))
-    return records_from_samples(make_dataset(os.fspath(root), class_to_idx, IMG_EXTENSIONS), root), classes
-
-
-def _records_from_args(args: argparse.Namespace) -> tuple[list[Record], list[str] | None]:
+def _records_from_args(args: argparse.Namespace) -> tuple[list[Record], int | None, list[str] | None]:
+    """(records, class count or None, class names or None) of the source named on the command line."""
+    if args.dataset:
+        dataset = create_lt_dataset(args.dataset, args.data_dir, args.split, args.imb_factor, args.n_max)
+        return records_from_dataset(dataset), dataset.num_classes, list(dataset.classes)
     if args.list:
-        return records_from_list(args.list, args.root), None
+        return records_from_samples(read_list_file(args.list, args.root, args.num_classes)), args.num_classes, None
     if args.inat:
-        return records_from_inat(args.inat, args.root)
+        samples, num_classes = read_inat_json(args.inat, args.root)
+        return records_from_samples(samples), num_classes, _inat_class_names(args.inat) or None
     if args.folder:
-        return records_from_folder(args.folder)
+        samples, classes = read_image_folder(args.folder)
+        return records_from_samples(samples), len(classes), classes
     images_key, labels_key = args.npz_keys.split(",")
     with np.load(args.npz) as arrays:
-        return records_from_arrays(arrays[images_key], arrays[labels_key]), None
+        return records_from_arrays(arrays[images_key], arrays[labels_key]), args.num_classes, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ltsam.data.shards", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    write = sub.add_parser("write", help="write shards from a list file, iNat JSON, image folder or arrays")
+    write = sub.add_parser(
+        "write", help="write shards from a named LT data set, list file, iNat JSON, image folder or arrays"
+    )
     src = write.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--list", help="'path label' list file (ImageNet-LT, iNat list files); paths under --root"
     )
     src.add_argument("--inat", help="iNaturalist-2018 COCO-style JSON (train2018.json); paths under --root")
     src.add_argument("--folder", help="ImageFolder root (one sub-folder per class)")
-    src.add_argument("--npz", help=".npz with image and label arrays (CIFAR-LT)")
+    src.add_argument("--npz", help=".npz with image and label arrays")
+    src.add_argument(
+        "--dataset",
+        choices=LT_DATASETS,
+        help="a named long-tailed data set (create_lt_dataset), e.g. cifar10-lt with the CIFAR-LT profile",
+    )
     write.add_argument("--root", default=".", help="image root for --list/--inat")
+    write.add_argument("--data-dir", default=None, help="folder holding the files of --dataset")
+    write.add_argument("--imb-factor", type=float, default=None, help="--dataset imbalance factor (max / min)")
+    write.add_argument("--n-max", type=int, default=None, help="--dataset images of the largest class")
     write.add_argument(
         "--npz-keys", default="images,labels", help="array names in --npz (default: images,labels)"
     )
     write.add_argument("--out", required=True, help="output directory")
-    write.add_argument("--split", default="train")
+    write.add_argument("--split", default="train", help="split written (and read from --dataset)")
     write.add_argument(
         "--name", default=None, help="data set name in _info.json (default: output folder name)"
     )
@@ -529,7 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line, file=sys.stderr)
         print(f"{len(problems)} problem(s) in {args.root}")
         return 1 if problems else 0
-    records, class_names = _records_from_args(args)
+    if not args.dataset and (args.imb_factor is not None or args.n_max is not None or args.data_dir):
+        parser.error("--data-dir, --imb-factor and --n-max apply to --dataset only")
+    records, num_classes, class_names = _records_from_args(args)
     entry = write_shards(
         records,
         args.out,
@@ -538,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         maxcount=args.maxcount,
         group_by=args.group_by,
         min_shards_per_group=args.min_shards_per_group,
-        num_classes=args.num_classes,
+        num_classes=args.num_classes or num_classes,
         class_names=class_names,
         reencode=args.reencode,
         num_workers=args.workers,

@@ -163,22 +163,27 @@ class _SkipCounter:
 
 
 def _emit(src: Iterator[dict], rates: np.ndarray, rng: random.Random, on_error: Callable) -> Iterator[dict]:
-    """Repeat-factor stage on the undecoded sample: emit it floor(r) + Bernoulli(frac r) times."""
+    """Repeat-factor stage on the undecoded sample: emit it floor(r) + Bernoulli(frac r) times.
+
+    Rates become plain floats first: numpy scalar arithmetic per sample cost more than the mixing itself.
+    """
+    whole = [int(r) for r in rates.tolist()]
+    frac = [r - w for r, w in zip(rates.tolist(), whole)]
     for sample in src:
         try:
-            rate = rates[int(sample["cls"])]
+            label = int(sample["cls"])
+            repeats = whole[label] + (rng.random() < frac[label])
         except (KeyError, ValueError, IndexError) as err:
             on_error(err)
             continue
-        whole = int(rate)
-        for _ in range(whole + (rng.random() < rate - whole)):
+        for _ in range(repeats):
             yield sample
 
 
 def _mix(sources: list[Iterator[dict]], probs: np.ndarray, rng: np.random.Generator) -> Iterator[dict]:
-    """Seeded RandomMix over infinite sources (webdataset's uses the global ``random``)."""
+    """Seeded RandomMix over infinite sources (webdataset's uses the global ``random``); draws in blocks."""
     while True:
-        for i in rng.choice(len(sources), size=1024, p=probs):
+        for i in rng.choice(len(sources), size=1024, p=probs).tolist():
             yield next(sources[i])
 
 
