@@ -449,13 +449,14 @@ def plot_shot_groups(recipe: Recipe, rows: list[Row], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.2), dpi=120)
     for i, group in enumerate(GROUPS):
         stats = [mean_std(r.values(group)) if r.values(group) else (np.nan, None) for r in rows]
-        ax.bar(x + (i - 1) * width, [m for m, _ in stats], width, yerr=[s or 0.0 for _, s in stats], capsize=2,
+        ax.bar(x + (i - 1) * width, [m for m, _ in stats], width, yerr=[np.nan if s is None else s for _, s in stats],
+               capsize=2,
                color=GROUP_COLORS[group], label=group.capitalize())
     ax.set_xticks(x, [r.method.label for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{recipe.name}: shot groups (mean ± std over seeds)", fontsize=10)
-    ax.legend(fontsize=8, ncols=3, loc="upper right")
+    ax.set_title(f"{recipe.name}: shot groups (mean ± std over seeds)", fontsize=10, pad=20)
+    ax.legend(fontsize=8, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
