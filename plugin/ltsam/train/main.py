@@ -227,6 +227,10 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
             if primary:
                 update_summary(epoch, train_metrics, eval_metrics, str(out / SUMMARY),
                                lr=optimizer.param_groups[0]["lr"])
+                if args.no_progress:
+                    stage = f", stage {optimizer.stage}" if hasattr(optimizer, "stage") else ""
+                    console.print(f"epoch {epoch}: loss {train_metrics['loss']:.4f}, "
+                                  f"lr {optimizer.param_groups[0]['lr']:.3g}{stage}")
                 saver.pending_rng = rng
                 saver.save_checkpoint(epoch, metric=eval_metrics.get("top1"))
             dist_utils.barrier()  # the checkpoint is on disk before any rank can fail in the next epoch
