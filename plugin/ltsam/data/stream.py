@@ -310,6 +310,14 @@ class StreamingDataset(IterableDataset):
         self.epoch.value = epoch
 
     @property
+    def class_counts(self) -> list[int]:
+        return list(self.layout.class_counts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.layout.class_counts)
+
+    @property
     def num_skipped(self) -> int:
         return self.skipped.value.value
 

@@ -7,6 +7,7 @@ works unchanged. Labels come from the index, so samplers need no image reads.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -62,15 +63,20 @@ class ShardIndexDataset(Dataset):
         localname = None if cache_dir else str  # identity: read local shards in place, picklable
         # random indices touch every shard: keep them all open (wids re-indexes a tar on each cache miss)
         lru_size = lru_size or min(len(shardlist), 200)
-        self.shards = wids.ShardListDataset(
-            str(index), transformations=[], localname=localname, cache_dir=cache_dir, lru_size=lru_size
-        )
+        with contextlib.redirect_stderr(io.StringIO()):  # wids prints a summary line on every construction
+            self.shards = wids.ShardListDataset(
+                str(index), transformations=[], localname=localname, cache_dir=cache_dir, lru_size=lru_size
+            )
         self.transform, self.target_transform = transform, target_transform
         self.num_skipped = 0
         self._by_class: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_counts)
 
     def _load(self, index: int) -> Image.Image:
         sample = self.shards[index]

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--data-dir", default=None, help="data root (default: the data set's own default)")
     group.add_argument("--dataset", default="digits-lt",
                        help="digits-lt (embedded), mnist-lt, cifar10-lt, cifar100-lt, imagenet-lt, inat2018, "
-                            "folder, list")
+                            "folder, list; or shards written by `ltsam shards write` in --data-dir: 'shards' "
+                            "streams them (--sampler re-balances in the stream), 'shards-wids' reads by index")
     group.add_argument("--train-split", default="train")
     group.add_argument("--val-split", default="test", help="split evaluated each --eval-interval epochs")
     group.add_argument("--imb-factor", type=float, default=None,

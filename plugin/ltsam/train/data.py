@@ -1,38 +1,37 @@
 """Data for the trainer: long-tailed sets, transforms from timm's data config, rank-sharded loaders, counts.
 
-Training batches come from a sampler that reseeds from (seed, epoch) in ``set_epoch``, never from the global
-RNG, so a resumed run draws exactly the batches an uninterrupted one would.
+Training batches come from a sampler (or a shard stream) that reseeds from (seed, epoch) in ``set_epoch``,
+never from the global RNG, so a resumed run draws exactly the batches an uninterrupted one would.
+
+Shards written by ``ltsam shards write`` train in two ways: ``--dataset shards`` streams them (``--sampler``
+sqrt / balanced / progressive re-balance inside the stream) and ``--dataset shards-wids`` reads them by index
+through ``wids``, so every map-style sampler applies exactly. Evaluation reads by index in both: each image once.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 from timm.data import create_transform, resolve_data_config
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 from torchvision import transforms as T
 
 from ltsam.counts import load_class_counts, save_class_counts
 from ltsam.data.factory import create_lt_dataset
 from ltsam.data.samplers import create_sampler
+from ltsam.data.stream import StreamingDataset
+from ltsam.data.wids_access import ShardIndexDataset
 
 COUNTS_FILE = "class_counts.json"
-
-
-@dataclass
-class Data:
-    train: DataLoader
-    val: DataLoader
-    class_counts: list[int]
-    counts_file: Path
-    num_classes: int
+SHARD_DATASETS = ("shards", "shards-wids")
 
 
 def create_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
     """Train and evaluation splits without transforms (set later, once the model's data config is known)."""
+    if args.dataset in SHARD_DATASETS:
+        return shard_datasets(args)
     common = dict(root=args.data_dir, imb_factor=args.imb_factor, n_max=args.n_max)
     try:
         train = create_lt_dataset(args.dataset, split=args.train_split, **common)
@@ -40,6 +39,29 @@ def create_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
         val = create_lt_dataset(args.dataset, split=args.val_split, **common)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"ltsam train: data set '{args.dataset}': {err}") from err
+    return train, val
+
+
+def shard_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
+    """The training split streamed (``shards``) or indexed (``shards-wids``); the evaluation split indexed."""
+    where = f"ltsam train: data set '{args.dataset}'"
+    if args.data_dir is None:
+        raise SystemExit(f"{where} needs --data-dir, the folder written by `ltsam shards write`")
+    if args.imb_factor is not None or args.n_max is not None:
+        raise SystemExit(f"{where}: shards are long-tailed as written; --imb-factor and --n-max do not apply")
+    if args.dataset == "shards" and args.sampler == "repeat":
+        raise SystemExit(f"{where}: the stream re-balances with --sampler sqrt, balanced or progressive; "
+                         "repeat-factor sampling needs random access: use --dataset shards-wids")
+    try:
+        val = ShardIndexDataset(args.data_dir, args.val_split)
+        if args.dataset == "shards-wids":
+            return ShardIndexDataset(args.data_dir, args.train_split), val
+        mode = "instance" if args.sampler == "none" else args.sampler
+        train = StreamingDataset(args.data_dir, args.train_split, mode=mode, batch_size=args.batch_size,
+                                 num_workers=args.workers, rank=args.rank, world_size=args.world_size,
+                                 num_epochs=args.epochs, seed=args.seed)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise SystemExit(f"{where} in '{args.data_dir}': {err}") from err
     return train, val
 
 
@@ -84,9 +106,10 @@ def train_sampler(args: argparse.Namespace, dataset: Dataset, rank: int, world_s
 
 def create_loaders(args: argparse.Namespace, train: Dataset, val: Dataset, rank: int, world_size: int,
                    pin_memory: bool) -> tuple[DataLoader, DataLoader]:
-    """Training batches from the sampler; evaluation shards by rank without padding, so no sample counts twice."""
-    sampler = train_sampler(args, train, rank, world_size)
-    if len(sampler) < args.batch_size:
+    """Training batches from the sampler (a stream shards itself); evaluation shards by rank without padding,
+    so no sample counts twice."""
+    sampler = None if isinstance(train, IterableDataset) else train_sampler(args, train, rank, world_size)
+    if sampler is not None and len(sampler) < args.batch_size:
         raise SystemExit(f"ltsam train: {len(sampler)} training samples per process are fewer than --batch-size "
                          f"{args.batch_size}; lower the batch size")
     train_loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
@@ -97,7 +120,8 @@ def create_loaders(args: argparse.Namespace, train: Dataset, val: Dataset, rank:
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
-    sampler = loader.sampler
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    """Reseed the epoch's order: the sampler's, or the stream's for a shard stream."""
+    for source in (loader.sampler, loader.dataset):
+        if hasattr(source, "set_epoch"):
+            source.set_epoch(epoch)
 

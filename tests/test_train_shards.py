@@ -1,0 +1,93 @@
+"""``ltsam train`` on shards written by ltsam's own writer: streamed (class-aware in the stream) and indexed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ltsam.counts import load_class_counts
+from ltsam.data.factory import create_lt_dataset
+from ltsam.data.shards import records_from_dataset, write_shards
+from ltsam.data.stream import StreamingDataset
+from ltsam.train import data as train_data
+from ltsam.train import main as train_main
+
+# digits-lt at n_max 60, IF 20: 203 training images, 6 batches of 32 an epoch; RGB once decoded from PNG
+FLAGS = ["--model", "lt_cnn_small", "--in-chans", "3", "--img-size", "8", "--train-aug", "none", "--workers", "0",
+         "--lr", "0.05", "--warmup-epochs", "0", "-b", "32", "--epochs", "3", "--no-progress", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory) -> tuple[Path, list[int], int]:
+    """Shards of the digits-lt train and test splits, their training counts and the test size."""
+    root = tmp_path_factory.mktemp("digits_shards")
+    train = create_lt_dataset("digits-lt", split="train", n_max=60)
+    test = create_lt_dataset("digits-lt", split="test", n_max=60)
+    for split, data in (("train", train), ("test", test)):
+        write_shards(records_from_dataset(data), root, split=split, maxcount=16, show_progress=False)
+    return root, list(train.class_counts), len(test)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(root: Path, out: Path, *flags: str, experiment: str = "run") -> int:
+    return train_main([*FLAGS, "--data-dir", str(root), "--output", str(out), "--experiment", experiment, *flags])
+
+
+@pytest.mark.parametrize("dataset, sampler", [("shards", "balanced"), ("shards-wids", "repeat")])
+def test_trains_from_shards_with_their_counts(digits_shards, tmp_path, dataset, sampler):
+    root, counts, test_size = digits_shards
+    assert run(root, tmp_path, "--dataset", dataset, "--sampler", sampler, "--opt", "ssesam", "--eta", "20") == 0
+    folder = tmp_path / "run"
+    assert load_class_counts(folder / "class_counts.json") == counts
+    results = json.loads((folder / "results.json").read_text())
+    # one epoch is len(train) // batch updates whether streamed or sampled; every test image evaluated once
+    assert results["updates"] == 3 * (sum(counts) // 32) and results["num_samples"] == test_size
+    assert results["class_counts"] == counts and results["top1"] > 0.2
+
+
+def test_stream_resumes_bit_identical(digits_shards, tmp_path):
+    root, _, _ = digits_shards
+    flags = ["--dataset", "shards", "--sampler", "sqrt", "--opt", "sam"]
+    assert run(root, tmp_path, *flags, experiment="straight") == 0
+    assert run(root, tmp_path, *flags, "--stop-epoch", "1", experiment="stopped") == 0
+    assert run(root, tmp_path, *flags, "--resume", "auto", experiment="stopped") == 0
+    straight, resumed = (torch.load(tmp_path / e / "last.pth.tar", weights_only=True)["state_dict"]
+                         for e in ("straight", "stopped"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "shards", "--sampler", "repeat"], "use --dataset shards-wids"),
+    (["--dataset", "shards", "--n-max", "10"], "long-tailed as written"),
+    (["--dataset", "shards", "--train-split", "nosuch"], "split 'nosuch' not in"),
+    (["--dataset", "shards-wids", "--val-split", "val"], "val_wids.json not found"),
+])
+def test_bad_shard_flags_name_the_problem(digits_shards, tmp_path, flags, message):
+    root, _, _ = digits_shards
+    with pytest.raises(SystemExit, match=message):
+        run(root, tmp_path, *flags)
+
+
+def test_each_epoch_reseeds_the_stream(digits_shards):
+    """The trainer's set_epoch reaches the stream itself (no sampler): epoch e's batches depend on e."""
+    root, _, _ = digits_shards
+    stream = StreamingDataset(root, mode="sqrt", batch_size=32, transform=lambda img: torch.zeros(1))
+    loader = DataLoader(stream, batch_size=32)
+    labels = []
+    for epoch in (0, 1, 0):
+        train_data.set_epoch(loader, epoch)
+        labels.append(torch.cat([y for _, y in loader]))
+    assert loader.dataset.epoch.value == 0
+    assert torch.equal(labels[0], labels[2]) and not torch.equal(labels[0], labels[1])
