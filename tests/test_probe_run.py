@@ -1,4 +1,4 @@
-"""tools/probe_bn.py: BN statistics re-estimated at the final weights, on a real (tiny) run."""
+"""tools/probe_run.py: per-class fit on the training images and BN statistics re-estimated at the final weights."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from ltsam.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("probe_bn", ROOT / "tools" / "probe_bn.py")
-probe_bn = importlib.util.module_from_spec(_spec)
-sys.modules["probe_bn"] = probe_bn
-_spec.loader.exec_module(probe_bn)
+_spec = importlib.util.spec_from_file_location("probe_run", ROOT / "tools" / "probe_run.py")
+probe_run = importlib.util.module_from_spec(_spec)
+sys.modules["probe_run"] = probe_run
+_spec.loader.exec_module(probe_run)
 
 
 def test_recalibrate_averages_the_batches_statistics():
@@ -26,7 +26,7 @@ def test_recalibrate_averages_the_batches_statistics():
     loader = DataLoader(TensorDataset(x, torch.zeros(32)), batch_size=8)
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
     model[1].running_mean.fill_(100.0)  # stale statistics that must not survive
-    assert probe_bn.recalibrate(model, loader) == 1
+    assert probe_run.recalibrate(model, loader) == 1
     with torch.no_grad():
         features = model[0](x)
     batch_vars = torch.stack([b.var(dim=(0, 2, 3), unbiased=True) for b in features.split(8)])
@@ -34,18 +34,20 @@ def test_recalibrate_averages_the_batches_statistics():
     assert torch.allclose(model[1].running_var, batch_vars.mean(0), atol=1e-5)
 
 
-def test_probe_reproduces_the_runs_report_then_recalibrates(tmp_path, capsys):
+def test_probe_reproduces_the_runs_report_and_counts_its_training_images(tmp_path, capsys):
     torch.set_num_threads(1)
     flags = ["--n-max", "60", "-b", "32", "--epochs", "2", "--no-progress", "--seed", "3", "--opt", "sam"]
     assert train_main([*flags, "--output", str(tmp_path), "--experiment", "run"]) == 0
     folder = tmp_path / "run"
-    before, after = probe_bn.probe(folder)
+    reports = probe_run.probe(folder)
     report = json.loads((folder / "results.json").read_text())
     # the rebuilt model and data give exactly the trainer's own final evaluation
-    assert before["per_class_acc"] == report["per_class_acc"]
-    assert len(after["per_class_acc"]) == len(report["class_counts"])
-    assert probe_bn.main([str(folder)]) == 0
+    assert reports["test"]["per_class_acc"] == report["per_class_acc"]
+    # the training images are the run's own: their per-class totals are its class counts
+    assert reports["train"]["per_class_total"] == report["class_counts"]
+    assert len(reports["test_bn"]["per_class_acc"]) == len(report["class_counts"])
+    assert probe_run.main([str(folder)]) == 0
     out = capsys.readouterr().out
     assert "Per-class accuracy" in out and f"{tmp_path.name}/run" in out
-    assert probe_bn.main([str(tmp_path / "missing")]) == 2
+    assert probe_run.main([str(tmp_path / "missing")]) == 2
     assert "no last.pth.tar in" in capsys.readouterr().out

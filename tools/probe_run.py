@@ -1,12 +1,15 @@
-"""Does a finished run's accuracy depend on where its BatchNorm statistics were gathered?
+"""What did a finished run's model learn per class: did it fit its own training images, and does it depend on
+where its BatchNorm statistics were gathered?
 
-The official SAM-family code runs forwards at the perturbed weights w + eps in train mode, so the running
-mean/var a model is evaluated with mix statistics of perturbed networks (ltsam reproduces this by default,
-``bn_mode='reference'``). This tool re-estimates the statistics at the final weights w alone (one pass over
-the training set with its training augmentation, cumulative average) and evaluates the run's model before and
-after, per class. A large gap means the perturbed-weight statistics, not the weights, cost the accuracy.
+* **Fit.** Per-class accuracy on the run's training images (evaluation transform). A tail class the model does
+  not fit on its training set is underfit: the SAM variants are meant to flatten the minimum of a *fitted*
+  (memorised) tail, so a run whose tail is underfit does not test them.
+* **BN statistics.** The official SAM-family code runs forwards at the perturbed weights w + eps in train mode,
+  so a model's running mean/var mix statistics of perturbed networks (ltsam reproduces this by default,
+  ``bn_mode='reference'``). The test accuracy is measured again after re-estimating the statistics at the
+  final weights alone (one pass over the training set with its training augmentation, cumulative average).
 
-    python tools/probe_bn.py runs/cifar10_lt_small_cpu/{sgd_ce,ssesam_ce}/seed0
+    python tools/probe_run.py runs/cifar10_lt_small_cpu/{sgd_ce,ssesam_ce}/seed0
 """
 
 from __future__ import annotations
@@ -21,27 +24,28 @@ from rich.console import Console
 from rich.table import Table
 from timm.models import create_model
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ltsam.metrics import LongTailAccuracy
 from ltsam.train import data as train_data
 from ltsam.train.args import parse_args
 from ltsam.train.loop import evaluate
 
+REPORTS = ("train", "test", "test_bn")  # training images; test images; test after BN re-estimation
+LABELS = {"train": "train", "test": "test", "test_bn": "test, BN at w"}
 
-def load_run(folder: Path) -> tuple[argparse.Namespace, nn.Module, DataLoader, DataLoader, list[int]]:
-    """The run's model with its last checkpoint, its training loader (training augmentation) and eval loader."""
+
+def load_run(folder: Path) -> tuple[argparse.Namespace, nn.Module, Dataset, Dataset, tuple]:
+    """The run's model with its last checkpoint, its two splits, and the (training, evaluation) transforms."""
     args = parse_args(["-c", str(folder / "args.yaml")])
     args.rank, args.world_size, args.workers = 0, 1, 0
     train_set, val_set = train_data.create_datasets(args)
     model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans, **args.model_kwargs)
-    _, train_set.transform, val_set.transform = train_data.build_transforms(args, model)
+    _, train_tf, eval_tf = train_data.build_transforms(args, model)
+    val_set.transform = eval_tf
     checkpoint = torch.load(folder / "last.pth.tar", map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["state_dict"])
-    batch = args.validation_batch_size or 2 * args.batch_size
-    train_loader = DataLoader(train_set, batch_size=batch, shuffle=False)
-    val_loader = DataLoader(val_set, batch_size=batch, shuffle=False)
-    return args, model, train_loader, val_loader, list(train_set.class_counts)
+    return args, model, train_set, val_set, (train_tf, eval_tf)
 
 
 @torch.no_grad()
@@ -58,17 +62,30 @@ def recalibrate(model: nn.Module, loader: DataLoader) -> int:
     return len(norms)
 
 
-def probe(folder: Path) -> tuple[dict, dict]:
-    """The run's long-tail report with its own BN statistics, and with statistics re-estimated at w."""
-    run_args, model, train_loader, val_loader, counts = load_run(folder)
-    meter = LongTailAccuracy(counts, (run_args.many_shot, run_args.few_shot))
-    before = evaluate(model, val_loader, meter, False, nullcontext, torch.device("cpu"))
-    recalibrate(model, train_loader)
-    return before, evaluate(model, val_loader, meter, False, nullcontext, torch.device("cpu"))
+def probe(folder: Path) -> dict[str, dict]:
+    """Long-tail reports (``ltsam.metrics``) of the run's model on its training images, on the evaluation
+    set, and on the evaluation set once the BN statistics are re-estimated at the final weights."""
+    args, model, train_set, val_set, (train_tf, eval_tf) = load_run(folder)
+    meter = LongTailAccuracy(train_set.class_counts, (args.many_shot, args.few_shot))
+    batch = args.validation_batch_size or 2 * args.batch_size
+
+    def report(dataset: Dataset) -> dict:
+        return evaluate(model, DataLoader(dataset, batch_size=batch), meter, False, nullcontext, torch.device("cpu"))
+
+    train_set.transform = eval_tf
+    reports = {"train": report(train_set), "test": report(val_set)}
+    train_set.transform = train_tf
+    recalibrate(model, DataLoader(train_set, batch_size=batch))
+    reports["test_bn"] = report(val_set)
+    return reports
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Per-class fit and BN-statistics probe of finished runs.")
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (args.yaml + last.pth.tar)")
     args = parser.parse_args(argv)
     console = Console()
@@ -76,27 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         console.print(f"[red]no last.pth.tar in {', '.join(missing)}; pass finished runs' folders")
         return 2
-    results: dict[str, tuple[dict, dict]] = {}
-    for folder in args.runs:
-        results[f"{folder.parent.name}/{folder.name}"] = probe(folder)
+    results = {f"{folder.parent.name}/{folder.name}": probe(folder) for folder in args.runs}
 
-    def change(a: float | None, b: float | None) -> str:
-        return "-" if a is None else f"{100 * a:.1f} -> {100 * b:.1f}"
-
-    groups = Table(title="Accuracy (%): the run's BN statistics -> re-estimated at the final weights")
-    for column in ("run", "All", "Many", "Medium", "Few"):
-        groups.add_column(column, justify="left" if column == "run" else "right")
-    for name, (before, after) in results.items():
-        groups.add_row(name, *(change(before[k], after[k]) for k in ("mean_class_acc", "many", "medium", "few")))
-    per_class = Table(title="Per-class accuracy (%), before -> after")
+    groups = Table(title="Accuracy (%) on the training images, the test set, and the test set with BN "
+                         "statistics re-estimated at the final weights")
+    groups.add_column("run")
+    groups.add_column("images")
+    for column in ("All", "Many", "Medium", "Few"):
+        groups.add_column(column, justify="right")
+    for name, reports in results.items():
+        for kind in REPORTS:
+            r = reports[kind]
+            groups.add_row(name if kind == "train" else "", LABELS[kind],
+                           *(_pct(r[k]) for k in ("mean_class_acc", "many", "medium", "few")),
+                           end_section=kind == REPORTS[-1])
+    per_class = Table(title="Per-class accuracy (%): train / test / test with BN at w")
     per_class.add_column("class")
     per_class.add_column("train n", justify="right")
     for i in range(len(results)):
         per_class.add_column(f"run {i + 1}", justify="right")
-    first = next(iter(results.values()))[0]
-    for c, n in enumerate(first["class_counts"]):
-        per_class.add_row(str(c), str(n), *(change(b["per_class_acc"][c], a["per_class_acc"][c])
-                                            for b, a in results.values()))
+    counts = next(iter(results.values()))["train"]["class_counts"]
+    for c, n in enumerate(counts):
+        per_class.add_row(str(c), str(n), *("/".join(f"{100 * reports[k]['per_class_acc'][c]:.0f}" for k in REPORTS)
+                                            for reports in results.values()))
     console.print(groups)
     console.print(per_class)
     console.print("\n".join(f"run {i + 1}: {name}" for i, name in enumerate(results)))
