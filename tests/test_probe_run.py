@@ -51,3 +51,9 @@ def test_probe_reproduces_the_runs_report_and_counts_its_training_images(tmp_pat
     assert "Per-class accuracy" in out and f"{tmp_path.name}/run" in out
     assert probe_run.main([str(tmp_path / "missing")]) == 2
     assert "no last.pth.tar in" in capsys.readouterr().out
+
+
+def test_short_names_stay_unique():
+    runs = [Path("r/long/sgd_ce/seed0"), Path("r/short/sgd_ce/seed0"), Path("r/short/sam_ce/seed1")]
+    assert probe_run.short_names(runs) == ["long/sgd_ce/seed0", "short/sgd_ce/seed0", "short/sam_ce/seed1"]
+    assert probe_run.short_names(runs[1:]) == ["sgd_ce/seed0", "sam_ce/seed1"]

@@ -15,6 +15,7 @@ where its BatchNorm statistics were gathered?
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -80,6 +81,13 @@ def probe(folder: Path) -> dict[str, dict]:
     return reports
 
 
+def short_names(folders: list[Path]) -> list[str]:
+    """Each folder relative to what they all share (at least ``method/seed``), so names stay unique."""
+    paths = [f.resolve() for f in folders]
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent.parent
+    return [str(p.relative_to(min(common, p.parent.parent, key=lambda q: len(q.parts)))) for p in paths]
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         console.print(f"[red]no last.pth.tar in {', '.join(missing)}; pass finished runs' folders")
         return 2
-    results = {f"{folder.parent.name}/{folder.name}": probe(folder) for folder in args.runs}
+    results = {name: probe(folder) for name, folder in zip(short_names(args.runs), args.runs)}
 
     groups = Table(title="Accuracy (%) on the training images, the test set, and the test set with BN "
                          "statistics re-estimated at the final weights")
