@@ -57,8 +57,12 @@ def test_stop_and_resume_ends_bit_identical(tmp_path):
              "--sampler", "balanced", "--model-ema", "--model-ema-decay", "0.9"]
     assert run(tmp_path, *flags, experiment="straight") == 0
     assert run(tmp_path, *flags, "--stop-epoch", "1", experiment="stopped") == 0
-    assert load(tmp_path, "stopped")["epoch"] == 0
+    first = load(tmp_path, "stopped")
+    assert first["epoch"] == 0 and first["wall_s"] > 0
     assert run(tmp_path, *flags, "--resume", "auto", experiment="stopped") == 0
+    # wall time counts both attempts: what the first one's checkpoint carried plus the second one
+    report = __import__("json").loads((tmp_path / "stopped" / "results.json").read_text())
+    assert report["wall_s"] == pytest.approx(first["wall_s"] + report["attempt_s"], abs=0.02)
     a, b = load(tmp_path, "straight"), load(tmp_path, "stopped")
     assert a["epoch"] == b["epoch"] == 2 and a["num_updates"] == b["num_updates"] == 18
     for key in ("state_dict", "state_dict_ema"):

@@ -27,6 +27,7 @@ class TrainState:
 
     epoch: int = 0          # next epoch to run
     num_updates: int = 0
+    wall_s: float = 0.0     # seconds of training the last checkpoint carries, summed over resumed attempts
 
 
 class Saver(CheckpointSaver):
@@ -51,6 +52,7 @@ class Saver(CheckpointSaver):
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "num_updates": self.train_state.num_updates,
+            "wall_s": self.train_state.wall_s,
             "rng": self.pending_rng,
             "version": 2,
             "saver": self.state_dict(epoch, metric),
@@ -108,4 +110,5 @@ def load_training_state(path: Path, model: nn.Module, optimizer, scheduler, scal
     same_folder = saver is not None and path.parent.resolve() == Path(saver.checkpoint_dir).resolve()
     if same_folder and ckpt.get("saver") is not None:
         saver.load_state_dict(ckpt["saver"])
-    return TrainState(epoch=int(ckpt["epoch"]) + 1, num_updates=int(ckpt.get("num_updates", 0)))
+    return TrainState(epoch=int(ckpt["epoch"]) + 1, num_updates=int(ckpt.get("num_updates", 0)),
+                      wall_s=float(ckpt.get("wall_s", 0.0)))

@@ -171,7 +171,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
         if primary else None
     if resume is not None:
         loaded = load_training_state(resume, model, optimizer, scheduler, scaler, model_ema, saver, args.rank)
-        state.epoch, state.num_updates = loaded.epoch, loaded.num_updates
+        state.epoch, state.num_updates, state.wall_s = loaded.epoch, loaded.num_updates, loaded.wall_s
         console.print(f"resumed from '{resume}' at epoch {state.epoch} (update {state.num_updates})")
     forward_model, engine = model, None
     if args.deepspeed_config:
@@ -191,6 +191,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
                       f"{data_config['input_size']}; output '{out}'")
 
     stop = min(args.stop_epoch or num_epochs, num_epochs)
+    earlier_s = state.wall_s  # what earlier attempts trained, as far as their checkpoints carry it
     report = None
     with progress_bar(primary and not args.no_progress) as progress:
         for epoch in range(state.epoch, stop):
@@ -232,6 +233,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
                     console.print(f"epoch {epoch}: loss {train_metrics['loss']:.4f}, "
                                   f"lr {optimizer.param_groups[0]['lr']:.3g}{stage}")
                 saver.pending_rng = rng
+                state.wall_s = earlier_s + time.perf_counter() - start_time
                 saver.save_checkpoint(epoch, metric=eval_metrics.get("top1"))
             dist_utils.barrier()  # the checkpoint is on disk before any rank can fail in the next epoch
 
@@ -240,17 +242,22 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     if args.tta:
         report = evaluate(model, val_loader, meter, True, autocast, device)
     if primary:
-        finish(args, out, report, state, stop, num_epochs, time.perf_counter() - start_time, console)
+        finish(args, out, report, state, stop, num_epochs, earlier_s, time.perf_counter() - start_time, console)
 
 
 def finish(args: argparse.Namespace, out: Path, report: dict, state: TrainState, stop: int, num_epochs: int,
-           wall: float, console: Console) -> None:
-    """results.json, the per-class plot and the final All / Many / Medium / Few table."""
+           earlier_s: float, attempt_s: float, console: Console) -> None:
+    """results.json, the per-class plot and the final All / Many / Medium / Few table.
+
+    ``wall_s`` counts every attempt of a resumed run (``attempt_s`` only this one)."""
+    wall = earlier_s + attempt_s
     report = dict(report, model=args.model, dataset=args.dataset, opt=args.opt, loss=args.loss, tta=args.tta,
-                  epochs_done=state.epoch, epochs=num_epochs, updates=state.num_updates, wall_s=round(wall, 2))
+                  epochs_done=state.epoch, epochs=num_epochs, updates=state.num_updates, wall_s=round(wall, 2),
+                  attempt_s=round(attempt_s, 2))
     save_report(report, out / RESULTS)
     plot_per_class(report, out / PLOT, title=f"{args.model} / {args.opt} on {args.dataset}")
     title = f"{args.dataset}: {state.epoch}/{num_epochs} epochs{' (stopped)' if stop < num_epochs else ''}" \
             f"{', flip TTA' if args.tta else ''} - accuracy (%)"
     console.print(results_table({args.opt: report}, title=title))
-    console.print(f"done in {wall:.1f} s; results in '{out}'")
+    resumed = f" ({attempt_s:.1f} s in this attempt)" if earlier_s else ""
+    console.print(f"done in {wall:.1f} s{resumed}; results in '{out}'")
