@@ -84,3 +84,16 @@ def test_method_args_merge_and_become_flags():
     assert merged == {"opt": "sam", "opt_kwargs": {"rho": 0.05, "base": "momentum"}, "tta": True}
     assert reproduce.to_argv({**merged, "mean": [0.5, 0.5], "amp": False}) == [
         "--opt", "sam", "--opt-kwargs", "rho=0.05", "base=momentum", "--tta", "--mean", "0.5", "0.5"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "yaml" / "reproduce").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_give_valid_trainer_commands(path):
+    """Every method of every shipped recipe parses as an ``ltsam train`` command (flags, choices, checks)."""
+    from ltsam.train.args import parse_args
+
+    recipe = reproduce.load_recipe(path)
+    runs = reproduce.plan(recipe, recipe.seeds[:1], None)
+    assert len(runs) == len(recipe.methods) >= 2
+    for run in runs:
+        args = parse_args(run.argv)
+        assert args.seed == recipe.seeds[0] and args.output == str(run.folder.parent)
