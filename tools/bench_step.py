@@ -194,11 +194,14 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     def find(model, method, official):
         return next(r for r in rows if (r["model"], r["method"], r["official"]) == (model, method, official))
 
+    import torch
+
     console = Console()
+    threads = torch.get_num_threads()
     for model in args.models:
         sgd = find(model, "sgd", False)
         table = Table(title=f"{model}: batch {args.batch}, {args.img}px, tail share {args.tail_share:.0%}, "
-                            f"{args.device}, median of {args.steps} steps")
+                            f"{args.device}, {threads} thread(s), median of {args.steps} steps")
         for col in ("method", "ltsam ms", "official ms", "x SGD", "x official", "peak MB", "mem x SGD",
                     "mem x official"):
             table.add_column(col, justify="right" if col != "method" else "left")
@@ -231,9 +234,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); on a shared CPU, 1 keeps small sub-batch "
+                             "passes from paying for thread synchronisation with busy cores")
     parser.add_argument("--json", type=Path, help="also write the raw rows here")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.worker:
         model_key, method, official = args.worker
         print(peak_memory(model_key, method, official == "1", args))
