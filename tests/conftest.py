@@ -49,3 +49,13 @@ def batches(steps: int, batch: int = 16, seed: int = 0, tail: bool = True):
 @pytest.fixture
 def counts() -> list[int]:
     return list(CLASS_COUNTS)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process training on two cores shared with other tests: one intra-op thread avoids oversubscription;
+    the module's previous thread count comes back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

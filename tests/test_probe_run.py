@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -34,8 +35,8 @@ def test_recalibrate_averages_the_batches_statistics():
     assert torch.allclose(model[1].running_var, batch_vars.mean(0), atol=1e-5)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_probe_reproduces_the_runs_report_and_counts_its_training_images(tmp_path, capsys):
-    torch.set_num_threads(1)
     flags = ["--n-max", "60", "-b", "32", "--epochs", "2", "--no-progress", "--seed", "3", "--opt", "sam"]
     assert train_main([*flags, "--output", str(tmp_path), "--experiment", "run"]) == 0
     folder = tmp_path / "run"

@@ -12,13 +12,7 @@ from ltsam.train import main as train_main
 TINY = ["--n-max", "60", "-b", "32", "--epochs", "2", "--no-progress", "--seed", "3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other tests: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(out, *flags: str, experiment: str = "run") -> int:

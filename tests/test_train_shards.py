@@ -20,6 +20,8 @@ from ltsam.train import main as train_main
 FLAGS = ["--model", "lt_cnn_small", "--in-chans", "3", "--img-size", "8", "--train-aug", "none", "--workers", "0",
          "--lr", "0.05", "--warmup-epochs", "0", "-b", "32", "--epochs", "3", "--no-progress", "--seed", "1"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def digits_shards(tmp_path_factory) -> tuple[Path, list[int], int]:
@@ -30,14 +32,6 @@ def digits_shards(tmp_path_factory) -> tuple[Path, list[int], int]:
     for split, data in (("train", train), ("test", test)):
         write_shards(records_from_dataset(data), root, split=split, maxcount=16, show_progress=False)
     return root, list(train.class_counts), len(test)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(root: Path, out: Path, *flags: str, experiment: str = "run") -> int:
