@@ -179,5 +179,7 @@ def test_slurm_deepspeed_script():
 
 def test_launcher_never_imports_torch():
     code = ("import sys, launch.cli, launch.schema, launch.runner, launch.backends; "
-            "assert not any(m == 'torch' or m.startswith(('torch.', 'ltsam')) for m in sys.modules), 'imported'")
+            "assert 'ltsam_common.names' in sys.modules and 'ltsam_common.yamlio' in sys.modules; "
+            "assert not any(m in ('torch', 'ltsam') or m.startswith(('torch.', 'ltsam.')) for m in sys.modules), "
+            "'imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -395,7 +395,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-_SAM_NAMES = {"sam", "imbsam", "ssesam", "focalsam"}
+from ltsam_common.names import SAM_METHODS as _SAM_NAMES  # noqa: E402  (the one list of method names)
 
 
 def tail_mask(counts: list[int], eta: float) -> Tensor:

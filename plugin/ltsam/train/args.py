@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import difflib
 from pathlib import Path
 
 import yaml
-from ltsam.data.samplers import SAMPLERS as DATA_SAMPLERS
+from ltsam_common import yamlio
+from ltsam_common.names import LOSSES, SAM_METHODS
+from ltsam_common.names import SAMPLERS as DATA_SAMPLERS
 
 # what the trainer picks when neither the command line nor the YAML names a value: per data set, so that the
 # default run (embedded digits) is a seconds-long CPU run and CIFAR follows algorithms.md §12
@@ -30,7 +31,6 @@ FALLBACK_DEFAULTS = dict(model="resnet50", epochs=100, batch_size=128, lr=None, 
                          train_aug="timm", weight_decay=2e-5, img_size=None, in_chans=3)
 
 SAMPLERS = ("none", *DATA_SAMPLERS)
-LOSSES = ("ce", "ldam", "la", "vs", "bsce")
 
 
 class ParseKwargs(argparse.Action):
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None)
 
     group = parser.add_argument_group("Optimizer")
-    group.add_argument("--opt", default="sgd", help="timm optimizer name, e.g. sgd, momentum, adamw, sam, ssesam")
+    group.add_argument("--opt", default="sgd",
+                       help=f"timm optimizer name, e.g. sgd, momentum, adamw, or one of {', '.join(SAM_METHODS)}")
     group.add_argument("--opt-eps", type=float, default=None)
     group.add_argument("--opt-betas", type=float, nargs="+", default=None)
     group.add_argument("--momentum", type=float, default=0.9)
@@ -166,25 +167,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     """YAML keys must be flags (dashes or underscores): a typo would otherwise be ignored silently."""
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(f"ltsam train: config file '{file}' does not exist")
-    try:
-        cfg = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SystemExit(f"ltsam train: config file '{file}' is not valid YAML: {err}") from err
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"ltsam train: config file '{file}' must hold a mapping of flag names to values")
     known = {a.dest for a in parser._actions if a.dest != "help"}
-    out = {}
-    for key, value in cfg.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
-            close = difflib.get_close_matches(dest, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise SystemExit(f"ltsam train: config file '{file}' has unknown key '{key}'{hint}")
-        out[dest] = value
-    return out
+    try:
+        doc = yamlio.load(path, "config file")
+        return doc.check_keys("", known, what="flag", normalize=lambda key: key.replace("-", "_"))
+    except yamlio.YamlError as err:
+        raise SystemExit(f"ltsam train: -c {err}") from None
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
