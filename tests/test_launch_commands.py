@@ -59,7 +59,7 @@ def test_cifar100_lt_methods(method, expected):
     argv = planned(YAML / f"cifar100_lt_{method}.yaml").commands[0]
     text = shlex.join(argv)
     assert shlex.join(expected) in text
-    assert "--momentum 0.9 --weight-decay 0.001" in text and "--batch-size 64" in text
+    assert "--momentum 0.9 --weight-decay 0.001 --wd-profile official" in text and "--batch-size 64" in text
     assert f"--output runs/cifar100-lt/{method}" in text
     if method == "focalsam":
         assert "--model resnet32_cifar" in text and "--loss la" in text and "--lr 0.1" in text

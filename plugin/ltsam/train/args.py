@@ -31,6 +31,8 @@ FALLBACK_DEFAULTS = dict(model="resnet50", epochs=100, batch_size=128, lr=None, 
                          train_aug="timm", weight_decay=2e-5, img_size=None, in_chans=3)
 
 SAMPLERS = ("none", *DATA_SAMPLERS)
+# which parameters --weight-decay decays: timm's grouping, or every parameter as the official SAM-family code
+WD_PROFILES = ("timm", "official")
 
 
 class ParseKwargs(argparse.Action):
@@ -90,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--opt-betas", type=float, nargs="+", default=None)
     group.add_argument("--momentum", type=float, default=0.9)
     group.add_argument("--weight-decay", type=float, default=None)
+    group.add_argument("--wd-profile", default="timm", choices=WD_PROFILES,
+                       help="which parameters --weight-decay decays: timm (not biases, norm weights or the model's "
+                            "no_weight_decay() list) or official (every parameter, as the official SSE-SAM, ImbSAM "
+                            "and Focal-SAM code: torch SGD on model.parameters())")
     group.add_argument("--clip-grad", type=float, default=None, help="plain optimizers only")
     group.add_argument("--clip-mode", default="norm")
     group.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs,

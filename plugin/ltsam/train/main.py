@@ -91,9 +91,22 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, counts_fil
                              f"not --opt {args.opt}")
         kwargs.setdefault("eta", args.eta)
     try:
-        return create_optimizer_v2(model, **kwargs)
+        return create_optimizer_v2(weight_decay_params(args, model, kwargs), **kwargs)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"ltsam train: cannot build --opt {args.opt}: {err}") from err
+
+
+def weight_decay_params(args: argparse.Namespace, model: torch.nn.Module, kwargs: dict):
+    """What timm's factory gets: the model (timm groups: no decay on 1-d parameters and ``no_weight_decay()``),
+    or for ``--wd-profile official`` the plain parameter list, which the official code's
+    ``SGD(model.parameters(), weight_decay=wd)`` decays in full."""
+    if args.wd_profile == "timm":
+        return model
+    grouping = sorted(k for k in ("filter_bias_and_bn", "layer_decay", "param_group_fn") if k in kwargs)
+    if grouping:
+        raise SystemExit(f"ltsam train: --opt-kwargs {grouping[0]} groups parameters, --wd-profile official "
+                         "decays every parameter; use one of them")
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def start_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
