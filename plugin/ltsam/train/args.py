@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which parameters --weight-decay decays: timm (not biases, norm weights or the model's "
                             "no_weight_decay() list) or official (every parameter, as the official SSE-SAM, ImbSAM "
                             "and Focal-SAM code: torch SGD on model.parameters())")
-    group.add_argument("--clip-grad", type=float, default=None, help="plain optimizers only")
-    group.add_argument("--clip-mode", default="norm")
+    group.add_argument("--clip-grad", type=float, default=None,
+                       help="clip the gradient the optimizer applies (SAM family: the final update direction G)")
+    group.add_argument("--clip-mode", default="norm", help="norm, value or agc (timm's dispatch_clip_grad)")
     group.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs,
                        help="extra optimizer options, e.g. rho=0.05 base=momentum (class_counts and epochs are "
                             "filled in for the SAM family)")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +46,7 @@ class StepContext:
     criterion: nn.Module
     autocast: Callable[[], AbstractContextManager]
     scaler: torch.amp.GradScaler | None = None
-    clip_grad: float | None = None
+    clip_grad: float | None = None  # plain optimizers: the gradient; the SAM family: its update direction G
     clip_mode: str = "norm"
     engine: object | None = None  # a DeepSpeed engine, which then owns backward, clipping and the step
 
@@ -65,9 +65,10 @@ def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
             with ctx.autocast():
                 return ctx.criterion(ctx.module(xs).float(), ys)
 
-        if ctx.engine is not None:
+        if ctx.engine is not None:  # DeepSpeed clips G itself: ds_config gradient_clipping = --clip-grad
             return ltsam_deepspeed.step(ctx.engine, ctx.optimizer, closure, targets=y)
-        return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler)
+        with clip_before_base_step(ctx):
+            return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler)
     if ctx.engine is not None:
         loss = ctx.criterion(ctx.engine(x).float(), y).mean()
         ctx.engine.backward(loss)
@@ -90,6 +91,26 @@ def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
             dispatch_clip_grad(ctx.module.parameters(), ctx.clip_grad, mode=ctx.clip_mode)
         ctx.optimizer.step()
     return loss.detach()
+
+
+@contextmanager
+def clip_before_base_step(ctx: StepContext) -> Iterator[None]:
+    """``--clip-grad`` for the SAM family: clip the final update direction G, the gradient the base optimizer
+    applies (what timm's --clip-grad clips for a plain optimizer, and what ltsam.timm and DeepSpeed clip).
+
+    A step pre-hook on the base optimizer runs after a GradScaler has unscaled G and only when the step is
+    taken, so the engine's own step (passes, scaler, skip counting) stays as it is.
+    """
+    if ctx.clip_grad is None:
+        yield
+        return
+    params = [p for p in ctx.module.parameters() if p.requires_grad]
+    handle = ctx.optimizer.base_optimizer.register_step_pre_hook(
+        lambda *_: dispatch_clip_grad(params, ctx.clip_grad, mode=ctx.clip_mode))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def progress_bar(enabled: bool) -> Progress:

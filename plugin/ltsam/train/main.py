@@ -109,6 +109,18 @@ def weight_decay_params(args: argparse.Namespace, model: torch.nn.Module, kwargs
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def deepspeed_clipping(args: argparse.Namespace, config: dict, path: Path) -> float:
+    """ds_config ``gradient_clipping`` from ``--clip-grad``: DeepSpeed clips the global norm of the gradient it
+    steps with, which for the SAM family is G, as ``ltsam train`` and ltsam.timm clip without DeepSpeed."""
+    if args.clip_grad is not None and args.clip_mode != "norm":
+        raise SystemExit(f"ltsam train: --clip-mode {args.clip_mode}: DeepSpeed clips by norm only")
+    given = config.get("gradient_clipping")
+    if given is not None and args.clip_grad is not None and float(given) != args.clip_grad:
+        raise SystemExit(f"ltsam train: --clip-grad {args.clip_grad} and --deepspeed-config '{path}' "
+                         f"gradient_clipping {given} disagree; set one of them")
+    return float(args.clip_grad if args.clip_grad is not None else given or 0.0)
+
+
 def start_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     """Wrap model and optimizer in a DeepSpeed engine built from ``--deepspeed-config`` (+ ``--zero-stage``).
 
@@ -135,7 +147,7 @@ def start_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer:
         raise SystemExit("ltsam train: under DeepSpeed set precision in the ds_config (bf16.enabled), not --amp")
     config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1,
                   train_batch_size=args.batch_size * args.world_size)
-    config.setdefault("gradient_clipping", args.clip_grad or 0.0)
+    config["gradient_clipping"] = deepspeed_clipping(args, config, path)
     try:
         engine, _, _ = initialize(model, optimizer, config)
     except DeepSpeedConfigError as err:
