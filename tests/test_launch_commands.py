@@ -183,3 +183,15 @@ def test_launcher_never_imports_torch():
             "assert not any(m in ('torch', 'ltsam') or m.startswith(('torch.', 'ltsam.')) for m in sys.modules), "
             "'imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_imagenet_focalsam_recipe_has_its_stepped_radius():
+    from ltsam.train.args import parse_args
+
+    argv = planned(YAML / "imagenet_lt_r50_focalsam_torchrun.yaml").commands[0]
+    assert argv[:4] == [tool("torchrun"), "--standalone", "--nproc-per-node=2", "-m"]
+    args = parse_args(argv[argv.index("ltsam.train") + 1:])
+    assert (args.opt, args.opt_kwargs) == ("focalsam", {"rho": 0.1, "gamma": 0.8, "lam": 0.8, "base": "momentum"})
+    assert (args.rho_sched, args.rho_decay_milestones, args.rho_decay_rate) == ("multistep", [160], 2.0)
+    assert (args.wd_profile, args.weight_decay, args.loss, args.epochs, args.batch_size) == (
+        "official", 5e-4, "la", 200, 128)

@@ -116,3 +116,64 @@ def test_clip_grad_with_a_grad_scaler_clips_the_unscaled_direction(tmp_path):
         train_step(plain, x, y)
     assert ctx.scaler.get_scale() == 1024.0  # no step was skipped
     assert_same_state(scaled, ref, tol=1e-6)
+
+
+def _radius_groups(**fields: float) -> torch.optim.Optimizer:
+    """A plain SGD whose param groups carry radius fields, as the SAM family's do (two groups, one with
+    timm's layer-decay lr_scale, which must not scale a radius)."""
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr_scale": 0.5}], lr=0.3)
+    for group in opt.param_groups:
+        group.update(fields)
+    return opt
+
+
+def test_multistep_radius_schedule_is_focal_sams_imagenet_rule():
+    """Focal-SAM sets rho = 0.1 while epoch + 1 < 0.8 * epochs, else 0.2, before each (0-based) epoch."""
+    from ltsam.optim.radius import create_radius_scheduler
+
+    opt = _radius_groups(rho=0.1)
+    schedule = create_radius_scheduler(opt, "multistep", epochs=200, decay_milestones=[160], decay_rate=2.0)
+    for epoch in range(200):
+        schedule.step(epoch)
+        expected = 0.1 if epoch + 1 < 0.8 * 200 else 0.2
+        assert [g["rho"] for g in opt.param_groups] == pytest.approx([expected] * 2), epoch
+        assert [g["lr"] for g in opt.param_groups] == [0.3, 0.3]  # the learning rate is not touched
+    assert schedule.values() == {"rho": pytest.approx(0.2)}
+
+
+def test_cosine_and_step_radius_schedules_drive_every_radius_field():
+    from ltsam.optim.radius import create_radius_scheduler
+
+    opt = _radius_groups(head_rho=0.05, tail_rho=0.1)
+    schedule = create_radius_scheduler(opt, "cosine", epochs=4, min_rho=0.01)
+    for epoch in range(4):
+        schedule.step(epoch)
+        factor = 0.5 * (1 + torch.cos(torch.tensor(torch.pi * epoch / 4))).item()
+        assert opt.param_groups[1]["head_rho"] == pytest.approx(0.01 + (0.05 - 0.01) * factor)
+        assert opt.param_groups[1]["tail_rho"] == pytest.approx(0.01 + (0.1 - 0.01) * factor)
+    step = create_radius_scheduler(_radius_groups(rho=0.2), "step", decay_epochs=2, decay_rate=0.5)
+    step.step(5)
+    assert step.values() == {"rho": pytest.approx(0.2 * 0.5**2)}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sched="step"), "rho_sched=step needs rho_decay_epochs > 0"),
+    (dict(sched="multistep"), "rho_sched=multistep needs rho_decay_milestones"),
+    (dict(sched="linear"), "rho_sched='linear' is not one of none, step, multistep, cosine"),
+])
+def test_radius_schedule_errors(kwargs, message):
+    from ltsam.optim.radius import create_radius_scheduler
+
+    with pytest.raises(ValueError, match=message):
+        create_radius_scheduler(_radius_groups(rho=0.1), epochs=10, **kwargs)
+    with pytest.raises(ValueError, match="SGD has none"):
+        create_radius_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), "cosine", 10)
+
+
+def test_rho_sched_with_a_plain_optimizer_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"--opt sgd: --rho-sched=cosine schedules SAM-family radii"):
+        from ltsam.train.main import build_radius_scheduler
+
+        args = parse_args(["--rho-sched", "cosine"])
+        build_radius_scheduler(args, torch.optim.SGD(conv_bn_net().parameters(), lr=0.1))

@@ -31,6 +31,7 @@ FALLBACK_DEFAULTS = dict(model="resnet50", epochs=100, batch_size=128, lr=None, 
                          train_aug="timm", weight_decay=2e-5, img_size=None, in_chans=3)
 
 SAMPLERS = ("none", *DATA_SAMPLERS)
+RHO_SCHEDULES = ("none", "step", "multistep", "cosine")  # ltsam.optim.radius.SCHEDULES (no torch here)
 # which parameters --weight-decay decays: timm's grouping, or every parameter as the official SAM-family code
 WD_PROFILES = ("timm", "official")
 
@@ -125,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--decay-epochs", type=float, default=None)
     group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
     group.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+
+    group = parser.add_argument_group("Radius schedule (SAM family; timm's schedulers on the radii in param_groups)")
+    group.add_argument("--rho-sched", default="none", choices=RHO_SCHEDULES,
+                       help="schedule every radius (rho; SSE-SAM head_rho and tail_rho) from its --opt-kwargs value, "
+                            "set at the start of each epoch: step, multistep or cosine, as timm's lr schedules")
+    group.add_argument("--rho-decay-epochs", type=float, default=None, help="step: multiply every N epochs")
+    group.add_argument("--rho-decay-milestones", type=int, nargs="+", default=None,
+                       help="multistep: epochs at which to multiply (timm: milestone m from the 0-based epoch m-1)")
+    group.add_argument("--rho-decay-rate", type=float, default=0.1,
+                       help="step / multistep factor (2 doubles the radius, as Focal-SAM's ImageNet-LT recipe)")
+    group.add_argument("--rho-min", type=float, default=0.0, help="cosine: the radius of the last epoch")
 
     group = parser.add_argument_group("Precision, EMA, distribution")
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")

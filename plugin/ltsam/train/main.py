@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ltsam.losses import create_loss
 from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report
 from ltsam.optim import SAMFamily
+from ltsam.optim.radius import RadiusScheduler, create_radius_scheduler
 from ltsam.train import args as cli_args
 from ltsam.train import data as train_data
 from ltsam.train import distributed as dist_utils
@@ -94,6 +96,16 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, counts_fil
         return create_optimizer_v2(weight_decay_params(args, model, kwargs), **kwargs)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"ltsam train: cannot build --opt {args.opt}: {err}") from err
+
+
+def build_radius_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) -> RadiusScheduler | None:
+    """``--rho-sched`` and its options as timm schedulers on the optimizer's radius fields."""
+    try:
+        return create_radius_scheduler(optimizer, args.rho_sched, args.epochs, args.rho_decay_epochs,
+                                       args.rho_decay_milestones or (), args.rho_decay_rate, args.rho_min)
+    except ValueError as err:
+        flags = re.sub(r"\brho_[a-z_]+", lambda m: "--" + m.group(0).replace("_", "-"), str(err))  # as typed
+        raise SystemExit(f"ltsam train: --opt {args.opt}: {flags}") from None
 
 
 def weight_decay_params(args: argparse.Namespace, model: torch.nn.Module, kwargs: dict):
@@ -190,6 +202,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
         if args.model_ema else None
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                 updates_per_epoch=len(train_loader))
+    rho_scheduler = build_radius_scheduler(args, optimizer)
 
     state = TrainState()
     saver = Saver(model, optimizer, args, model_ema, scheduler, scaler, state, out, args.checkpoint_hist) \
@@ -224,9 +237,13 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
             criterion.set_epoch(epoch)
             if sam:
                 optimizer.set_epoch(epoch)
+            if rho_scheduler is not None:
+                rho_scheduler.step(epoch)  # this epoch's radii, from the epoch alone: a resumed run needs no state
             try:
                 train_metrics = train_one_epoch(ctx, train_loader, epoch, state, scheduler, model_ema, progress,
                                                 args.world_size, args.log_interval, device)
+                if rho_scheduler is not None:
+                    train_metrics.update(rho_scheduler.values())  # radius columns in summary.csv
             except NonFiniteLoss as err:
                 last = out / LAST
                 kept = f"the last good checkpoint is '{last}'" if last.is_file() else "no checkpoint was written"
