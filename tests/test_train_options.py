@@ -23,7 +23,7 @@ SSESAM = ["--opt", "ssesam", "--eta", "20", "--opt-kwargs", "base=momentum", "he
 
 
 def trainer(tmp_path, model, *flags: str):
-    """The optimizer and step context ``ltsam train`` builds from these flags (same lr, momentum, wd as the
+    """The parsed flags, optimizer and step context ``ltsam train`` builds from them (same lr, momentum, wd as the
     re-derivations in test_optim_exact)."""
     args = parse_args(["--lr", str(LR), "--momentum", str(MOMENTUM), "--weight-decay", str(WD), *flags])
     counts = save_class_counts(CLASS_COUNTS, tmp_path / "counts.json")
@@ -31,18 +31,18 @@ def trainer(tmp_path, model, *flags: str):
     if hasattr(optimizer, "attach"):
         optimizer.attach(model)
     criterion = create_loss("ce", CLASS_COUNTS)
-    return optimizer, StepContext(model, model, optimizer, criterion, nullcontext, None, args.clip_grad,
-                                  args.clip_mode)
+    return args, optimizer, StepContext(model, model, optimizer, criterion, nullcontext, None, args.clip_grad,
+                                        args.clip_mode)
 
 
 def test_official_wd_profile_decays_every_parameter_as_the_official_code(tmp_path):
     torch.manual_seed(0)
     ours = conv_bn_net()
     ref, timm_grouped = copy.deepcopy(ours), copy.deepcopy(ours)
-    optimizer, ctx = trainer(tmp_path, ours, *SSESAM, "--wd-profile", "official")
+    _, optimizer, ctx = trainer(tmp_path, ours, *SSESAM, "--wd-profile", "official")
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert all(decay[id(p)] == WD for p in ours.parameters())  # 1-d parameters (bias, BN) decayed too
-    _, timm_ctx = trainer(tmp_path, timm_grouped, *SSESAM)  # the default profile: timm's grouping
+    *_, timm_ctx = trainer(tmp_path, timm_grouped, *SSESAM)  # the default profile: timm's grouping
     reference = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     for x, y in batches(4):
         train_step(ctx, x, y)
@@ -69,9 +69,9 @@ def test_clip_grad_clips_the_sam_update_direction(tmp_path, method):
     ours = conv_bn_net()
     ref, unclipped = copy.deepcopy(ours), copy.deepcopy(ours)
     flags = ["--opt", method, *METHOD_FLAGS[method], "--opt-kwargs", "base=momentum"]
-    _, ctx = trainer(tmp_path, ours, *flags, "--clip-grad", "0.05")
-    reference, _ = trainer(tmp_path, ref, *flags)
-    _, plain = trainer(tmp_path, unclipped, *flags)
+    *_, ctx = trainer(tmp_path, ours, *flags, "--clip-grad", "0.05")
+    _, reference, _ = trainer(tmp_path, ref, *flags)
+    *_, plain = trainer(tmp_path, unclipped, *flags)
     norms = []
     for x, y in batches(3):
         train_step(ctx, x, y)
@@ -108,9 +108,9 @@ def test_clip_grad_with_a_grad_scaler_clips_the_unscaled_direction(tmp_path):
     scaled = conv_bn_net()
     ref = copy.deepcopy(scaled)
     flags = ["--opt", "ssesam", "--eta", "20", "--clip-grad", "0.05"]
-    _, ctx = trainer(tmp_path, scaled, *flags)
+    *_, ctx = trainer(tmp_path, scaled, *flags)
     ctx.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    _, plain = trainer(tmp_path, ref, *flags)
+    *_, plain = trainer(tmp_path, ref, *flags)
     for x, y in batches(3):
         train_step(ctx, x, y)
         train_step(plain, x, y)
