@@ -46,7 +46,7 @@ class StepContext:
     criterion: nn.Module
     autocast: Callable[[], AbstractContextManager]
     scaler: torch.amp.GradScaler | None = None
-    clip_grad: float | None = None  # plain optimizers: the gradient; the SAM family: its update direction G
+    clip_grad: float | None = None
     clip_mode: str = "norm"
     engine: object | None = None  # a DeepSpeed engine, which then owns backward, clipping and the step
 
@@ -65,7 +65,7 @@ def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
             with ctx.autocast():
                 return ctx.criterion(ctx.module(xs).float(), ys)
 
-        if ctx.engine is not None:  # DeepSpeed clips G itself: ds_config gradient_clipping = --clip-grad
+        if ctx.engine is not None:
             return ltsam_deepspeed.step(ctx.engine, ctx.optimizer, closure, targets=y)
         with clip_before_base_step(ctx):
             return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler)
@@ -96,7 +96,8 @@ def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
 @contextmanager
 def clip_before_base_step(ctx: StepContext) -> Iterator[None]:
     """``--clip-grad`` for the SAM family: clip the final update direction G, the gradient the base optimizer
-    applies (what timm's --clip-grad clips for a plain optimizer, and what ltsam.timm and DeepSpeed clip).
+    applies (what timm's --clip-grad clips for a plain optimizer, and what ltsam.timm clips; under DeepSpeed its
+    ``gradient_clipping``, set from --clip-grad, clips G).
 
     A step pre-hook on the base optimizer runs after a GradScaler has unscaled G and only when the step is
     taken, so the engine's own step (passes, scaler, skip counting) stays as it is.
