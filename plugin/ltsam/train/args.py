@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--class-counts", default=None,
                        help="JSON of per-class training counts (default: from the data set, written to the output)")
     group.add_argument("--sampler", default="none", choices=SAMPLERS,
-                       help="none (instance shuffling), balanced, sqrt, progressive or repeat (repeat-factor)")
+                       help=f"none (instance shuffling) or one of {', '.join(DATA_SAMPLERS)} (repeat: repeat-factor)")
     group.add_argument("--train-aug", default=None, choices=("none", "crop", "crop-flip", "timm"),
                        help="training augmentation: none, pad-and-crop (+ flip, the CIFAR recipe), or timm's")
     group.add_argument("--workers", "-j", type=int, default=None)
