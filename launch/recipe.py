@@ -1,7 +1,8 @@
 """Load a recipe: read YAML, resolve `base` includes, interpolate `${VAR}`, apply command-line overrides.
 
-Every leaf remembers which file (or the command line) set it, so a later validation error can name the
-file a user has to edit, not just the top-level recipe.
+Every key remembers which file and line (or the command line) set it, so a later validation error can name
+the line a user has to edit, not just the top-level recipe. YAML is read by the project's one loader,
+``ltsam_common.yamlio`` (torch-free).
 """
 
 from __future__ import annotations
@@ -13,38 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from launch.errors import MISSING, RecipeError
+from ltsam_common import yamlio
 
 COMMAND_LINE = "command line"
 # `${NAME}` or `${NAME:-default}`; `$${...}` is an escape that leaves a literal `${...}` (for SLURM scripts)
 _VAR = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with today's numbers: `1:4` stays a string (YAML 1.1 made it 64, base 60) and `1e-3` is a
-    float (YAML 1.1 wants `1.0e-3`), so `nnodes: 1:4` and `weight_decay: 1e-3` mean what they say."""
-
-
-_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0o?[0-7_]+|0b[01_]+)$"),
-                              list("-+0123456789"))
-_Loader.add_implicit_resolver(_FLOAT, re.compile(
-    r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
-    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
-
-
 def read_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    """One YAML value, read as a recipe file's values are (``1e-3`` a float, ``1:4`` a string)."""
+    return yamlio.read(text)
 
 
 @dataclass
 class Recipe:
-    """A fully merged recipe plus, for every dotted key, the file that set it."""
+    """A fully merged recipe plus, for every dotted key, where it was set (``file:line`` or the command line)."""
 
     path: Path
     data: dict[str, Any]
@@ -101,33 +86,41 @@ def _read(path: Path, env: Mapping[str, str], stack: tuple[Path, ...]) -> tuple[
         raise RecipeError(str(stack[-1]) if stack else str(path), "base" if stack else "",
                           "recipe file not found", str(path))
     try:
-        raw = read_yaml(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(str(path), "", f"not valid YAML: {exc}") from None
+        doc = yamlio.load(path, "recipe file")
+    except yamlio.YamlError as exc:
+        raise RecipeError(_where(exc.file, exc.line), exc.key, exc.message) from None
+    raw = doc.data or {}
     if not isinstance(raw, dict):
         raise RecipeError(str(path), "", "a recipe must be a mapping of keys", type(raw).__name__)
     bases = raw.pop("base", None)
     if isinstance(bases, str):
         bases = [bases]
     if bases is not None and not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
-        raise RecipeError(str(path), "base", "expected a file name or a list of file names", bases)
+        raise RecipeError(_where(str(path), doc.line("base")), "base", "expected a file name or a list of file names",
+                          bases)
     data: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for base in bases or []:
         base_data, base_origins = _read(path.parent / base, env, (*stack, resolved))
         _merge(data, origins, base_data, base_origins, "")
-    own = _interpolate(raw, env, str(path), "")
-    _merge(data, origins, own, _leaf_origins(own, str(path), ""), "")
+    own = _interpolate(raw, env, str(path), "", doc)
+    _merge(data, origins, own, _key_origins(own, doc, ""), "")
     return data, origins
 
 
-def _leaf_origins(node: Any, source: str, prefix: str) -> dict[str, str]:
-    if isinstance(node, dict) and node:
-        out: dict[str, str] = {}
-        for key, value in node.items():
-            out.update(_leaf_origins(value, source, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): source}
+def _where(file: str, line: int | None) -> str:
+    return f"{file}:{line}" if line else file
+
+
+def _key_origins(node: Any, doc: yamlio.YamlDoc, prefix: str) -> dict[str, str]:
+    """``file:line`` of every key under ``node``, mappings included (an error about a section names its line)."""
+    out: dict[str, str] = {}
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        out[dotted] = _where(doc.file, doc.line(dotted))
+        if isinstance(value, dict):
+            out.update(_key_origins(value, doc, dotted + "."))
+    return out
 
 
 def _merge(dst: dict[str, Any], dst_origins: dict[str, str], src: dict[str, Any], src_origins: dict[str, str],
@@ -144,13 +137,14 @@ def _merge(dst: dict[str, Any], dst_origins: dict[str, str], src: dict[str, Any]
         dst_origins.update({k: v for k, v in src_origins.items() if k == dotted or k.startswith(dotted + ".")})
 
 
-def _interpolate(node: Any, env: Mapping[str, str], source: str, dotted: str) -> Any:
+def _interpolate(node: Any, env: Mapping[str, str], source: str, dotted: str,
+                 doc: yamlio.YamlDoc | None = None) -> Any:
     """Replace `${VAR}` / `${VAR:-default}` in string leaves; a value that is one whole `${...}` is re-read
     as a YAML scalar, so `nproc_per_node: ${GPUS:-8}` stays an int."""
     if isinstance(node, dict):
-        return {k: _interpolate(v, env, source, f"{dotted}.{k}" if dotted else str(k)) for k, v in node.items()}
+        return {k: _interpolate(v, env, source, f"{dotted}.{k}" if dotted else str(k), doc) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, env, source, f"{dotted}[{i}]") for i, v in enumerate(node)]
+        return [_interpolate(v, env, source, f"{dotted}[{i}]", doc) for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
         return node
 
@@ -162,8 +156,8 @@ def _interpolate(node: Any, env: Mapping[str, str], source: str, dotted: str) ->
             return env[name]
         if default is not None:
             return default
-        raise RecipeError(source, dotted, f"environment variable {name} is not set "
-                                          f"(write ${{{name}:-default}} for a fallback)", node)
+        raise RecipeError(_where(source, doc and doc.line(dotted)), dotted,
+                          f"environment variable {name} is not set (write ${{{name}:-default}} for a fallback)", node)
 
     whole = _VAR.fullmatch(node)
     text = _VAR.sub(substitute, node)
@@ -174,7 +168,7 @@ def _scalar(text: str) -> Any:
     """YAML's reading of a command-line or environment value: `8` -> 8, `true` -> True, `a b` -> 'a b'."""
     try:
         return read_yaml(text) if text.strip() else text
-    except yaml.YAMLError:
+    except yamlio.YamlError:  # not YAML: the text itself
         return text
 
 

@@ -10,8 +10,8 @@ from typing import Any
 from launch import backends
 from launch.backends import deepspeed, slurm, torchrun
 from launch.recipe import Recipe
+from ltsam_common.names import sam_method
 
-SAM_FAMILY = {"sam", "imbsam", "ssesam", "focalsam"}
 SCALAR = (str, int, float, bool)
 
 
@@ -225,8 +225,8 @@ def _check_ds_config(recipe: Recipe, world: int | None) -> None:
     config = deepspeed.ds_config(recipe, world)
     explicit = recipe.get(f"{deepspeed.SECTION}.zero_stage") is not None
     where = f"{deepspeed.SECTION}.{'zero_stage' if explicit else 'config_file'}"
-    opt = str(recipe.get("program.args.opt") or "").lower().removeprefix("lookahead_")
-    if deepspeed.zero_stage(config) == 3 and opt in SAM_FAMILY:
+    opt = sam_method(recipe.get("program.args.opt") or "")
+    if deepspeed.zero_stage(config) == 3 and opt:
         raise recipe.error(where, f"ZeRO-3 partitions the weights, so {opt} cannot perturb them; use stage 0-2",
                            value=3)
     if "train_batch_size" not in config:

@@ -59,7 +59,7 @@ def test_cifar100_lt_methods(method, expected):
     argv = planned(YAML / f"cifar100_lt_{method}.yaml").commands[0]
     text = shlex.join(argv)
     assert shlex.join(expected) in text
-    assert "--momentum 0.9 --weight-decay 0.001" in text and "--batch-size 64" in text
+    assert "--momentum 0.9 --weight-decay 0.001 --wd-profile official" in text and "--batch-size 64" in text
     assert f"--output runs/cifar100-lt/{method}" in text
     if method == "focalsam":
         assert "--model resnet32_cifar" in text and "--loss la" in text and "--lr 0.1" in text
@@ -179,5 +179,19 @@ def test_slurm_deepspeed_script():
 
 def test_launcher_never_imports_torch():
     code = ("import sys, launch.cli, launch.schema, launch.runner, launch.backends; "
-            "assert not any(m == 'torch' or m.startswith(('torch.', 'ltsam')) for m in sys.modules), 'imported'")
+            "assert 'ltsam_common.names' in sys.modules and 'ltsam_common.yamlio' in sys.modules; "
+            "assert not any(m in ('torch', 'ltsam') or m.startswith(('torch.', 'ltsam.')) for m in sys.modules), "
+            "'imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_imagenet_focalsam_recipe_has_its_stepped_radius():
+    from ltsam.train.args import parse_args
+
+    argv = planned(YAML / "imagenet_lt_r50_focalsam_torchrun.yaml").commands[0]
+    assert argv[:4] == [tool("torchrun"), "--standalone", "--nproc-per-node=2", "-m"]
+    args = parse_args(argv[argv.index("ltsam.train") + 1:])
+    assert (args.opt, args.opt_kwargs) == ("focalsam", {"rho": 0.1, "gamma": 0.8, "lam": 0.8, "base": "momentum"})
+    assert (args.rho_sched, args.rho_decay_milestones, args.rho_decay_rate) == ("multistep", [160], 2.0)
+    assert (args.wd_profile, args.weight_decay, args.loss, args.epochs, args.batch_size) == (
+        "official", 5e-4, "la", 200, 128)

@@ -68,9 +68,9 @@ launcher: {kind: local}
     recipe = load(child, environ={})
     assert recipe.data["program"]["args"] == {"lr": 0.01, "epochs": 100, "opt_kwargs": {"rho": 0.1, "base": "momentum"}}
     assert "base" not in recipe.data
-    assert recipe.source("program.args.lr").endswith("common.yaml")
-    assert recipe.source("program.args.epochs").endswith("mid.yaml")
-    assert recipe.source("program.args.opt_kwargs.rho").endswith("child.yaml")
+    assert recipe.source("program.args.lr").endswith("common.yaml:4")  # file:line of the key
+    assert recipe.source("program.args.epochs").endswith("mid.yaml:3")
+    assert recipe.source("program.args.opt_kwargs.rho").endswith("child.yaml:4")
 
 
 def test_base_list_later_wins(tmp_path):
@@ -92,3 +92,10 @@ def test_missing_base_and_non_mapping(tmp_path):
         load(write(tmp_path / "r.yaml", "base: nope.yaml\n"), environ={})
     with pytest.raises(RecipeError, match="a recipe must be a mapping"):
         load(write(tmp_path / "l.yaml", "- 1\n"), environ={})
+
+
+def test_invalid_yaml_and_missing_env_var_name_the_line(tmp_path):
+    with pytest.raises(RecipeError, match=r"r.yaml:3: <recipe>: not valid YAML: .*column"):
+        load(write(tmp_path / "r.yaml", "name: x\nprogram:\n  args: {lr: [1, 2}\n"), environ={})
+    with pytest.raises(RecipeError, match=r"s.yaml:3: program.args.data_dir = '\$\{DATA\}': environment variable"):
+        load(write(tmp_path / "s.yaml", "program:\n  args:\n    data_dir: ${DATA}\n"), environ={})

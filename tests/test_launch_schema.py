@@ -9,6 +9,7 @@ import pytest
 from launch_helpers import ROOT, YAML, planned, write
 
 from launch.errors import RecipeError
+from ltsam_common.names import SAM_METHODS
 
 PROGRAM = "program:\n  module: ltsam.train\n  args: {opt: sgd}\n"
 
@@ -21,7 +22,7 @@ def error(path, *overrides, env=None) -> str:
 
 def test_unknown_key_suggests_nearest(tmp_path):
     path = write(tmp_path / "r.yaml", PROGRAM + "launcher:\n  kind: torchrun\n  torchrun: {nproc_per_nod: 8}\n")
-    assert error(path) == (f"{path}: launcher.torchrun.nproc_per_nod = 8: unknown key; "
+    assert error(path) == (f"{path}:6: launcher.torchrun.nproc_per_nod = 8: unknown key; "
                            "did you mean 'nproc_per_node'?")
 
 
@@ -34,7 +35,7 @@ def test_error_names_the_base_file_that_set_the_key(tmp_path):
     write(tmp_path / "base.yaml", PROGRAM + "global_batch_size: 60\n")
     child = write(tmp_path / "child.yaml",
                   "base: base.yaml\nlauncher: {kind: torchrun, torchrun: {nproc_per_node: 8}}\n")
-    assert error(child).startswith(f"{tmp_path / 'base.yaml'}: global_batch_size = 60: does not divide")
+    assert error(child).startswith(f"{tmp_path / 'base.yaml'}:4: global_batch_size = 60: does not divide")
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -98,7 +99,7 @@ def test_deepspeed_needs_a_known_world_and_batch():
     assert "no_ssh runs once per node" in error(recipe, "launcher.deepspeed.multinode_launcher=no_ssh")
 
 
-@pytest.mark.parametrize("opt", ["focalsam", "SAM", "lookahead_ssesam", "imbsam"])
+@pytest.mark.parametrize("opt", [*SAM_METHODS, "SAM", "lookahead_ssesam"])
 def test_zero3_refused_for_the_sam_family(opt):
     message = error(YAML / "inat2018_r50_focalsam_deepspeed.yaml", "launcher.deepspeed.zero_stage=3",
                     f"program.args.opt={opt}")
@@ -129,5 +130,5 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "launch.cli", str(path), "--dry-run"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == (f"ltsam-launch: {path}: launchr = {{'kind': 'local'}}: unknown key; "
+    assert result.stderr == (f"ltsam-launch: {path}:4: launchr = {{'kind': 'local'}}: unknown key; "
                              "did you mean 'launcher'?\n")

@@ -9,6 +9,7 @@ import torch
 
 from ltsam.counts import save_class_counts
 from ltsam.losses import create_loss
+from ltsam_common.names import LOSSES
 
 COUNTS = [100, 10, 1]
 LOGITS = [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0]]
@@ -87,8 +88,19 @@ def test_ldam_margin_and_drw():
     assert loss(x, t).item() == pytest.approx(weighted_mean, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_listed_loss_builds_and_is_a_trainer_choice(name):
+    """The one list of loss names drives the factory and ``ltsam train --loss``: neither may miss a name."""
+    from ltsam.train.args import build_parser
+
+    loss = create_loss(name, COUNTS)
+    assert loss(torch.tensor(LOGITS), torch.tensor(TARGETS)).shape == (3,)
+    loss_flag = next(a for a in build_parser()._actions if a.dest == "loss")
+    assert tuple(loss_flag.choices) == LOSSES
+
+
 def test_factory_errors_and_counts_file(tmp_path):
-    with pytest.raises(ValueError, match="unknown loss 'focal'; valid names: ce, ldam, la, vs, bsce"):
+    with pytest.raises(ValueError, match=f"unknown loss 'focal'; valid names: {', '.join(LOSSES)}"):
         create_loss("focal", COUNTS)
     with pytest.raises(ValueError, match=r"classes \[1\] have no training sample"):
         create_loss("la", [5, 0, 1])

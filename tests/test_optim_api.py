@@ -16,8 +16,9 @@ from torch import nn
 
 import ltsam  # noqa: F401
 from ltsam.optim import SSESAM
+from ltsam_common.names import SAM_METHODS
 
-NAMES = ["sam", "imbsam", "ssesam", "focalsam"]
+NAMES = list(SAM_METHODS)
 
 
 def test_every_name_is_in_timms_registry():

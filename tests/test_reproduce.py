@@ -65,17 +65,20 @@ def test_runs_reports_and_does_not_rerun(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"method": {}}, "unknown key 'method'"),
-    ({"methods": {"sgd": {"lable": "x"}}}, "unknown key 'methods.sgd.lable'"),
-    ({"args": {"epochz": 2}}, "unknown key 'args.epochz' (not an ltsam train flag)"),
-    ({"methods": {"sgd": {"args": {"seed": 3}}}}, "key 'methods.sgd.args.seed' is set by the harness"),
-    ({"baseline": "sam"}, "key 'baseline' names 'sam'"),
+    ({"method": {}}, "method: unknown key; did you mean 'methods'?"),
+    ({"methods": {"sgd": {"lable": "x"}}}, "methods.sgd.lable: unknown key; did you mean 'label'?"),
+    ({"args": {"epochz": 2}}, "args.epochz: unknown ltsam train flag; did you mean 'epochs'?"),
+    ({"methods": {"sgd": {"args": {"seed": 3}}}}, "methods.sgd.args.seed: set by the harness per run"),
+    ({"baseline": "sam"}, "baseline: names 'sam', which is not one of the methods"),
+    ({"args": {"loss": "focal"}}, "args.loss: 'focal' is not one of ce, ldam, la, vs, bsce"),
 ])
-def test_bad_recipe_names_file_and_key(tmp_path, capsys, changes, message):
+def test_bad_recipe_names_file_line_and_key(tmp_path, capsys, changes, message):
     recipe = write_recipe(tmp_path, **changes)
     assert reproduce.main([str(recipe), "--dry-run"]) == 2
-    out = capsys.readouterr().out
-    assert str(recipe) in out and message in out
+    out = capsys.readouterr().out.replace("\n", "")
+    leaf = message.split(":")[0].split(".")[-1]
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if f"{leaf}:" in text)
+    assert f"{recipe}:{line}: {message}" in out, out
 
 
 def test_method_args_merge_and_become_flags():

@@ -9,6 +9,7 @@ from conftest import CLASS_COUNTS
 
 from ltsam.data.factory import create_lt_dataset
 from ltsam.data.samplers import ClassAwareSampler, RepeatFactorSampler, create_lt_loader, create_sampler
+from ltsam_common.names import SAMPLERS
 
 LABELS = np.repeat(np.arange(len(CLASS_COUNTS)), CLASS_COUNTS)
 N = np.asarray(CLASS_COUNTS, dtype=float)
@@ -62,7 +63,7 @@ def test_repeat_factor_sampling():
     np.testing.assert_allclose(hits / hits.sum(), N * r / (N * r).sum(), atol=TOL)
 
 
-@pytest.mark.parametrize("name", ["balanced", "sqrt", "progressive", "repeat"])
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_ranks_share_one_stream(name):
     kw = {"threshold": 0.05} if name == "repeat" else {"num_samples": 1200}
     single = create_sampler(name, LABELS, epochs=3, seed=7, num_replicas=1, rank=0, **kw)

@@ -10,7 +10,7 @@ one with a checkpoint continues with ``--resume auto``. The harness keeps each r
 time (summed over attempts) in ``reproduce.json``, and refuses to mix results of a changed command into a table.
 Runs go seed-major (every method's seed 0 first), so a series stopped early still compares all methods.
 
-Recipe keys (anything else is an error naming the file and key)::
+Recipe keys (anything else is an error naming the file, line and key)::
 
     name: mnist_lt_if100        # folder under output (default: the file's stem)
     description: ...            # free text, copied into the Markdown report
@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import yaml
+from ltsam_common import yamlio
 
 RECIPE_KEYS = {"name", "description", "output", "seeds", "baseline", "args", "methods"}
 METHOD_KEYS = {"label", "args"}
@@ -95,64 +95,57 @@ class Run:
 
 
 # -- recipe -----------------------------------------------------------------------------------------------
-def trainer_flags() -> set[str]:
-    """The ``ltsam train`` flag names (dests), so a misspelt trainer flag fails before hours of runs."""
+def trainer_flags() -> dict[str, tuple | None]:
+    """The ``ltsam train`` flag names (dests) and their choices, so a misspelt flag or a loss / sampler name
+    the trainer does not know fails before hours of runs."""
     from ltsam.train.args import build_parser
 
-    return {a.dest for a in build_parser()._actions if a.dest != "help"}
+    return {a.dest: tuple(a.choices) if a.choices else None for a in build_parser()._actions if a.dest != "help"}
 
 
-def _check_keys(mapping: object, allowed: set[str], file: Path, where: str) -> dict:
-    if not isinstance(mapping, dict):
-        raise RecipeError(f"{file}: '{where}' must be a mapping, got {type(mapping).__name__}")
-    unknown = sorted(str(k) for k in mapping if k not in allowed)
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise RecipeError(f"{file}: unknown key '{key}' (allowed: {', '.join(sorted(allowed))})")
-    return mapping
+def _dest(key: str) -> str:
+    return key.replace("-", "_")
 
 
-def _check_args(args: object, flags: set[str], file: Path, where: str) -> dict:
+def _check_args(doc: yamlio.YamlDoc, where: str, flags: dict[str, tuple | None]) -> dict:
     """Trainer flags with underscores; the harness's own flags are refused (it sets them per run)."""
-    if not isinstance(args, dict):
-        raise RecipeError(f"{file}: '{where}' must be a mapping of ltsam train flags, got {type(args).__name__}")
-    out = {}
-    for key, value in args.items():
-        dest = str(key).replace("-", "_")
+    args = doc.check_keys(where, flags, what="ltsam train flag", normalize=_dest)
+    for key in doc.mapping(where):
+        dest, dotted = _dest(str(key)), f"{where}.{key}"
         if dest in HARNESS_FLAGS:
-            raise RecipeError(f"{file}: key '{where}.{key}' is set by the harness per run; remove it")
-        if dest not in flags:
-            raise RecipeError(f"{file}: unknown key '{where}.{key}' (not an ltsam train flag)")
-        out[dest] = value
-    return out
+            raise doc.error(dotted, "set by the harness per run; remove it")
+        choices = flags[dest]
+        if choices and args[dest] is not None and args[dest] not in choices:
+            raise doc.error(dotted, f"{args[dest]!r} is not one of {', '.join(map(str, choices))}")
+    return args
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe; every error names the file and the key."""
-    file = Path(path)
-    if not file.is_file():
-        raise RecipeError(f"{file}: recipe file does not exist")
+    """Parse and validate a recipe; every error names the file, the line and the key."""
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{file}: not valid YAML: {err}") from err
-    _check_keys(raw, RECIPE_KEYS, file, "")
+        return _recipe(yamlio.load(path, "recipe file"))
+    except yamlio.YamlError as err:
+        raise RecipeError(str(err)) from None
+
+
+def _recipe(doc: yamlio.YamlDoc) -> Recipe:
+    raw = doc.check_keys("", RECIPE_KEYS)
     flags = trainer_flags()
-    shared = _check_args(raw.get("args", {}), flags, file, "args")
-    methods_raw = raw.get("methods")
-    if not isinstance(methods_raw, dict) or not methods_raw:
-        raise RecipeError(f"{file}: key 'methods' must list at least one method")
+    shared = _check_args(doc, "args", flags)
+    if not doc.mapping("methods", "a mapping of methods"):
+        raise doc.error("methods", "must list at least one method")
     methods = []
-    for key, spec in methods_raw.items():
-        spec = _check_keys(spec or {}, METHOD_KEYS, file, f"methods.{key}")
-        own = _check_args(spec.get("args", {}), flags, file, f"methods.{key}.args")
+    for key in raw["methods"]:
+        spec = doc.check_keys(f"methods.{key}", METHOD_KEYS)
+        own = _check_args(doc, f"methods.{key}.args", flags)
         methods.append(Method(str(key), str(spec.get("label", key)), merge_args(shared, own)))
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise RecipeError(f"{file}: key 'seeds' must be a non-empty list of integers, got {seeds!r}")
+        raise doc.error("seeds", f"must be a non-empty list of integers, got {seeds!r}")
     baseline = str(raw.get("baseline", methods[0].key))
     if baseline not in {m.key for m in methods}:
-        raise RecipeError(f"{file}: key 'baseline' names '{baseline}', which is not one of the methods")
+        raise doc.error("baseline", f"names '{baseline}', which is not one of the methods")
+    file = Path(doc.file)
     return Recipe(file, str(raw.get("name", file.stem)), str(raw.get("description", "")).strip(),
                   Path(str(raw.get("output", "runs"))), seeds, baseline, methods)
 
@@ -234,7 +227,7 @@ def epochs_done(folder: Path) -> int:
 def planned_epochs(folder: Path) -> int | None:
     """The trainer's resolved epochs (its per-data-set default when the recipe names none), once it wrote them."""
     args = folder / TRAIN_ARGS
-    return (yaml.safe_load(args.read_text()) or {}).get("epochs") if args.is_file() else None
+    return (yamlio.load(args).data or {}).get("epochs") if args.is_file() else None
 
 
 def claim(folder: Path) -> int | None:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltsam.counts import CountsLike, load_class_counts
+from ltsam_common.names import LOSSES
 
-LOSSES = ("ce", "ldam", "la", "vs", "bsce")
 REDUCTIONS = ("none", "mean", "sum")
 
 

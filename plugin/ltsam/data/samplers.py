@@ -16,8 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
 from ltsam.data.balance import class_probabilities, repeat_factors
-
-SAMPLERS = ("balanced", "sqrt", "progressive", "repeat")
+from ltsam_common.names import SAMPLERS
 
 
 def _labels(data: Dataset | Sequence[int]) -> np.ndarray:

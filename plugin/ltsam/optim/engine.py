@@ -625,7 +625,7 @@ def _check_radius(name: str, value: float) -> None:
         raise ValueError(f"{name}={value!r} must be a number >= 0 (the perturbation radius)")
 
 
-_SAM_NAMES = {"sam", "imbsam", "ssesam", "focalsam"}
+from ltsam_common.names import SAM_METHODS as _SAM_NAMES  # noqa: E402  (the one list of method names)
 
 
 def check_targets(targets: Tensor, num_classes: int) -> Tensor:

@@ -1,23 +1,27 @@
-"""Records that put the SAM family into timm's optimizer registry (names without '_': timm splits on it)."""
+"""Records that put the SAM family into timm's optimizer registry, one per name of ``ltsam_common.names``."""
 
 from __future__ import annotations
 
 from timm.optim import OptimInfo
 from timm.optim._optim_factory import default_registry
 
+from ltsam_common.names import SAM_METHODS
+
 # eps, betas and momentum all reach the wrapper, which hands them to the base optimizer's own timm record
 _COMMON = dict(has_eps=True, has_betas=True, has_momentum=True, defaults={"base": "sgd"})
 
-SAM_FAMILY = (
-    OptimInfo(name="sam", opt_class="ltsam.optim.methods.SAM",
-              description="SAM / ASAM (adaptive=True) over any timm base optimizer", **_COMMON),
-    OptimInfo(name="imbsam", opt_class="ltsam.optim.methods.ImbSAM",
-              description="ImbSAM: SAM on tail classes only (needs class_counts)", **_COMMON),
-    OptimInfo(name="ssesam", opt_class="ltsam.optim.methods.SSESAM",
-              description="SSE-SAM: separate head/tail radii, head radius 0 in stage 2 (needs class_counts)",
-              **_COMMON),
-    OptimInfo(name="focalsam", opt_class="ltsam.optim.methods.FocalSAM",
-              description="Focal-SAM: class-weighted sharpness lam*(1-pi_y)^gamma (needs class_counts)", **_COMMON),
+# class in ltsam.optim.methods and description, per method name (a name without an entry fails at import)
+_METHODS = {
+    "sam": ("SAM", "SAM / ASAM (adaptive=True) over any timm base optimizer"),
+    "imbsam": ("ImbSAM", "ImbSAM: SAM on tail classes only (needs class_counts)"),
+    "ssesam": ("SSESAM", "SSE-SAM: separate head/tail radii, head radius 0 in stage 2 (needs class_counts)"),
+    "focalsam": ("FocalSAM", "Focal-SAM: class-weighted sharpness lam*(1-pi_y)^gamma (needs class_counts)"),
+}
+
+SAM_FAMILY = tuple(
+    OptimInfo(name=name, opt_class=f"ltsam.optim.methods.{_METHODS[name][0]}", description=_METHODS[name][1],
+              **_COMMON)
+    for name in SAM_METHODS
 )
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import difflib
 from pathlib import Path
 
 import yaml
-from ltsam.data.samplers import SAMPLERS as DATA_SAMPLERS
+from ltsam_common import yamlio
+from ltsam_common.names import LOSSES, SAM_METHODS
+from ltsam_common.names import SAMPLERS as DATA_SAMPLERS
 
 # what the trainer picks when neither the command line nor the YAML names a value: per data set, so that the
 # default run (embedded digits) is a seconds-long CPU run and CIFAR follows algorithms.md §12
@@ -30,7 +31,9 @@ FALLBACK_DEFAULTS = dict(model="resnet50", epochs=100, batch_size=128, lr=None, 
                          train_aug="timm", weight_decay=2e-5, img_size=None, in_chans=3)
 
 SAMPLERS = ("none", *DATA_SAMPLERS)
-LOSSES = ("ce", "ldam", "la", "vs", "bsce")
+RHO_SCHEDULES = ("none", "step", "multistep", "cosine")  # ltsam.optim.radius.SCHEDULES (no torch here)
+# which parameters --weight-decay decays: timm's grouping, or every parameter as the official SAM-family code
+WD_PROFILES = ("timm", "official")
 
 
 class ParseKwargs(argparse.Action):
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--class-counts", default=None,
                        help="JSON of per-class training counts (default: from the data set, written to the output)")
     group.add_argument("--sampler", default="none", choices=SAMPLERS,
-                       help="none (instance shuffling), balanced, sqrt, progressive or repeat (repeat-factor)")
+                       help=f"none (instance shuffling) or one of {', '.join(DATA_SAMPLERS)} (repeat: repeat-factor)")
     group.add_argument("--train-aug", default=None, choices=("none", "crop", "crop-flip", "timm"),
                        help="training augmentation: none, pad-and-crop (+ flip, the CIFAR recipe), or timm's")
     group.add_argument("--workers", "-j", type=int, default=None)
@@ -84,13 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None)
 
     group = parser.add_argument_group("Optimizer")
-    group.add_argument("--opt", default="sgd", help="timm optimizer name, e.g. sgd, momentum, adamw, sam, ssesam")
+    group.add_argument("--opt", default="sgd",
+                       help=f"timm optimizer name, e.g. sgd, momentum, adamw, or one of {', '.join(SAM_METHODS)}")
     group.add_argument("--opt-eps", type=float, default=None)
     group.add_argument("--opt-betas", type=float, nargs="+", default=None)
     group.add_argument("--momentum", type=float, default=0.9)
     group.add_argument("--weight-decay", type=float, default=None)
-    group.add_argument("--clip-grad", type=float, default=None, help="plain optimizers only")
-    group.add_argument("--clip-mode", default="norm")
+    group.add_argument("--wd-profile", default="timm", choices=WD_PROFILES,
+                       help="which parameters --weight-decay decays: timm (not biases, norm weights or the model's "
+                            "no_weight_decay() list) or official (every parameter, as the official SSE-SAM, ImbSAM "
+                            "and Focal-SAM code: torch SGD on model.parameters())")
+    group.add_argument("--clip-grad", type=float, default=None,
+                       help="clip the gradient the optimizer applies (SAM family: the final update direction G)")
+    group.add_argument("--clip-mode", default="norm", help="norm, value or agc (timm's dispatch_clip_grad)")
     group.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs,
                        help="extra optimizer options, e.g. rho=0.05 base=momentum (class_counts and epochs are "
                             "filled in for the SAM family)")
@@ -117,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--decay-epochs", type=float, default=None)
     group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
     group.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+
+    group = parser.add_argument_group("Radius schedule (SAM family; timm's schedulers on the radii in param_groups)")
+    group.add_argument("--rho-sched", default="none", choices=RHO_SCHEDULES,
+                       help="schedule every radius (rho; SSE-SAM head_rho and tail_rho) from its --opt-kwargs value, "
+                            "set at the start of each epoch: step, multistep or cosine, as timm's lr schedules")
+    group.add_argument("--rho-decay-epochs", type=float, default=None, help="step: multiply every N epochs")
+    group.add_argument("--rho-decay-milestones", type=int, nargs="+", default=None,
+                       help="multistep: epochs at which to multiply (timm: milestone m from the 0-based epoch m-1)")
+    group.add_argument("--rho-decay-rate", type=float, default=0.1,
+                       help="step / multistep factor (2 doubles the radius, as Focal-SAM's ImageNet-LT recipe)")
+    group.add_argument("--rho-min", type=float, default=0.0, help="cosine: the radius of the last epoch")
 
     group = parser.add_argument_group("Precision, EMA, distribution")
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
@@ -166,25 +186,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     """YAML keys must be flags (dashes or underscores): a typo would otherwise be ignored silently."""
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(f"ltsam train: config file '{file}' does not exist")
-    try:
-        cfg = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SystemExit(f"ltsam train: config file '{file}' is not valid YAML: {err}") from err
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"ltsam train: config file '{file}' must hold a mapping of flag names to values")
     known = {a.dest for a in parser._actions if a.dest != "help"}
-    out = {}
-    for key, value in cfg.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
-            close = difflib.get_close_matches(dest, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise SystemExit(f"ltsam train: config file '{file}' has unknown key '{key}'{hint}")
-        out[dest] = value
-    return out
+    try:
+        doc = yamlio.load(path, "config file")
+        return doc.check_keys("", known, what="flag", normalize=lambda key: key.replace("-", "_"))
+    except yamlio.YamlError as err:
+        raise SystemExit(f"ltsam train: -c {err}") from None
 
 
 def fill_defaults(args: argparse.Namespace) -> None:

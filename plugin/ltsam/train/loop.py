@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +67,8 @@ def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
 
         if ctx.engine is not None:
             return ltsam_deepspeed.step(ctx.engine, ctx.optimizer, closure, targets=y)
-        return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler)
+        with clip_before_base_step(ctx):
+            return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler)
     if ctx.engine is not None:
         loss = ctx.criterion(ctx.engine(x).float(), y).mean()
         ctx.engine.backward(loss)
@@ -90,6 +91,27 @@ def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
             dispatch_clip_grad(ctx.module.parameters(), ctx.clip_grad, mode=ctx.clip_mode)
         ctx.optimizer.step()
     return loss.detach()
+
+
+@contextmanager
+def clip_before_base_step(ctx: StepContext) -> Iterator[None]:
+    """``--clip-grad`` for the SAM family: clip the final update direction G, the gradient the base optimizer
+    applies (what timm's --clip-grad clips for a plain optimizer, and what ltsam.timm clips; under DeepSpeed its
+    ``gradient_clipping``, set from --clip-grad, clips G).
+
+    A step pre-hook on the base optimizer runs after a GradScaler has unscaled G and only when the step is
+    taken, so the engine's own step (passes, scaler, skip counting) stays as it is.
+    """
+    if ctx.clip_grad is None:
+        yield
+        return
+    params = [p for p in ctx.module.parameters() if p.requires_grad]
+    handle = ctx.optimizer.base_optimizer.register_step_pre_hook(
+        lambda *_: dispatch_clip_grad(params, ctx.clip_grad, mode=ctx.clip_mode))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def progress_bar(enabled: bool) -> Progress:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ltsam.losses import create_loss
 from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report
 from ltsam.optim import SAMFamily
+from ltsam.optim.radius import RadiusScheduler, create_radius_scheduler
 from ltsam.train import args as cli_args
 from ltsam.train import data as train_data
 from ltsam.train import distributed as dist_utils
@@ -91,9 +93,44 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, counts_fil
                              f"not --opt {args.opt}")
         kwargs.setdefault("eta", args.eta)
     try:
-        return create_optimizer_v2(model, **kwargs)
+        return create_optimizer_v2(weight_decay_params(args, model, kwargs), **kwargs)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"ltsam train: cannot build --opt {args.opt}: {err}") from err
+
+
+def build_radius_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) -> RadiusScheduler | None:
+    """``--rho-sched`` and its options as timm schedulers on the optimizer's radius fields."""
+    try:
+        return create_radius_scheduler(optimizer, args.rho_sched, args.epochs, args.rho_decay_epochs,
+                                       args.rho_decay_milestones or (), args.rho_decay_rate, args.rho_min)
+    except ValueError as err:
+        flags = re.sub(r"\brho_[a-z_]+", lambda m: "--" + m.group(0).replace("_", "-"), str(err))  # as typed
+        raise SystemExit(f"ltsam train: --opt {args.opt}: {flags}") from None
+
+
+def weight_decay_params(args: argparse.Namespace, model: torch.nn.Module, kwargs: dict):
+    """What timm's factory gets: the model (timm groups: no decay on 1-d parameters and ``no_weight_decay()``),
+    or for ``--wd-profile official`` the plain parameter list, which the official code's
+    ``SGD(model.parameters(), weight_decay=wd)`` decays in full."""
+    if args.wd_profile == "timm":
+        return model
+    grouping = sorted(k for k in ("filter_bias_and_bn", "layer_decay", "param_group_fn") if k in kwargs)
+    if grouping:
+        raise SystemExit(f"ltsam train: --opt-kwargs {grouping[0]} groups parameters, --wd-profile official "
+                         "decays every parameter; use one of them")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def deepspeed_clipping(args: argparse.Namespace, config: dict, path: Path) -> float:
+    """ds_config ``gradient_clipping`` from ``--clip-grad``: DeepSpeed clips the global norm of the gradient it
+    steps with, which for the SAM family is G, as ``ltsam train`` and ltsam.timm clip without DeepSpeed."""
+    if args.clip_grad is not None and args.clip_mode != "norm":
+        raise SystemExit(f"ltsam train: --clip-mode {args.clip_mode}: DeepSpeed clips by norm only")
+    given = config.get("gradient_clipping")
+    if given is not None and args.clip_grad is not None and float(given) != args.clip_grad:
+        raise SystemExit(f"ltsam train: --clip-grad {args.clip_grad} and --deepspeed-config '{path}' "
+                         f"gradient_clipping {given} disagree; set one of them")
+    return float(args.clip_grad if args.clip_grad is not None else given or 0.0)
 
 
 def start_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
@@ -122,7 +159,7 @@ def start_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer:
         raise SystemExit("ltsam train: under DeepSpeed set precision in the ds_config (bf16.enabled), not --amp")
     config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1,
                   train_batch_size=args.batch_size * args.world_size)
-    config.setdefault("gradient_clipping", args.clip_grad or 0.0)
+    config["gradient_clipping"] = deepspeed_clipping(args, config, path)
     try:
         engine, _, _ = initialize(model, optimizer, config)
     except DeepSpeedConfigError as err:
@@ -165,6 +202,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
         if args.model_ema else None
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                 updates_per_epoch=len(train_loader))
+    rho_scheduler = build_radius_scheduler(args, optimizer)
 
     state = TrainState()
     saver = Saver(model, optimizer, args, model_ema, scheduler, scaler, state, out, args.checkpoint_hist) \
@@ -199,9 +237,13 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
             criterion.set_epoch(epoch)
             if sam:
                 optimizer.set_epoch(epoch)
+            if rho_scheduler is not None:
+                rho_scheduler.step(epoch)  # this epoch's radii, from the epoch alone: a resumed run needs no state
             try:
                 train_metrics = train_one_epoch(ctx, train_loader, epoch, state, scheduler, model_ema, progress,
                                                 args.world_size, args.log_interval, device)
+                if rho_scheduler is not None:
+                    train_metrics.update(rho_scheduler.values())  # radius columns in summary.csv
             except NonFiniteLoss as err:
                 last = out / LAST
                 kept = f"the last good checkpoint is '{last}'" if last.is_file() else "no checkpoint was written"

@@ -1,0 +1,201 @@
+"""``ltsam train``'s optimizer options against plain re-derivations: the official weight-decay profile,
+--clip-grad with a SAM-family optimizer, and a scheduled radius."""
+
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import nullcontext
+
+import official
+import pytest
+import torch
+from conftest import CLASS_COUNTS, batches, conv_bn_net
+from test_optim_exact import LR, MOMENTUM, TAIL, WD, assert_same_state, closure_for
+from test_timm_trainpy import train_module  # noqa: F401  (fixture: train.py with the ltsam.timm hook)
+
+from ltsam.counts import save_class_counts
+from ltsam.losses import create_loss
+from ltsam.train.args import parse_args
+from ltsam.train.loop import StepContext, train_step
+from ltsam.train.main import build_optimizer
+from ltsam_common.names import SAM_METHODS
+
+SSESAM = ["--opt", "ssesam", "--eta", "20", "--opt-kwargs", "base=momentum", "head_rho=0.05", "tail_rho=0.1"]
+
+
+def trainer(tmp_path, model, *flags: str):
+    """The parsed flags, optimizer and step context ``ltsam train`` builds from them (same lr, momentum, wd as the
+    re-derivations in test_optim_exact)."""
+    args = parse_args(["--lr", str(LR), "--momentum", str(MOMENTUM), "--weight-decay", str(WD), *flags])
+    counts = save_class_counts(CLASS_COUNTS, tmp_path / "counts.json")
+    optimizer = build_optimizer(args, model, counts)
+    if hasattr(optimizer, "attach"):
+        optimizer.attach(model)
+    criterion = create_loss("ce", CLASS_COUNTS)
+    return args, optimizer, StepContext(model, model, optimizer, criterion, nullcontext, None, args.clip_grad,
+                                        args.clip_mode)
+
+
+def test_official_wd_profile_decays_every_parameter_as_the_official_code(tmp_path):
+    torch.manual_seed(0)
+    ours = conv_bn_net()
+    ref, timm_grouped = copy.deepcopy(ours), copy.deepcopy(ours)
+    _, optimizer, ctx = trainer(tmp_path, ours, *SSESAM, "--wd-profile", "official")
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert all(decay[id(p)] == WD for p in ours.parameters())  # 1-d parameters (bias, BN) decayed too
+    *_, timm_ctx = trainer(tmp_path, timm_grouped, *SSESAM)  # the default profile: timm's grouping
+    reference = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    for x, y in batches(4):
+        train_step(ctx, x, y)
+        train_step(timm_ctx, x, y)
+        official.ssesam_step(ref, reference, x, y, tail_classes=TAIL, head_rho=0.05, tail_rho=0.1)
+    assert_same_state(ours, ref)
+    bias_gap = max((a - b).abs().max() for a, b in zip(timm_grouped.parameters(), ref.parameters())
+                   if a.dim() == 1)
+    assert bias_gap > 1e-5  # timm's profile leaves 1-d parameters undecayed: a different update
+
+
+def test_official_wd_profile_refuses_a_competing_grouping(tmp_path):
+    with pytest.raises(SystemExit, match="filter_bias_and_bn groups parameters, --wd-profile official"):
+        trainer(tmp_path, conv_bn_net(), "--wd-profile", "official", "--opt-kwargs", "filter_bias_and_bn=True")
+
+
+METHOD_FLAGS = {"sam": [], "imbsam": ["--eta", "20"], "ssesam": ["--eta", "20"], "focalsam": []}
+
+
+@pytest.mark.parametrize("method", SAM_METHODS)
+def test_clip_grad_clips_the_sam_update_direction(tmp_path, method):
+    """--clip-grad with a SAM-family optimizer: sam_gradient -> clip_grad_norm_(G) -> base step."""
+    torch.manual_seed(1)
+    ours = conv_bn_net()
+    ref, unclipped = copy.deepcopy(ours), copy.deepcopy(ours)
+    flags = ["--opt", method, *METHOD_FLAGS[method], "--opt-kwargs", "base=momentum"]
+    *_, ctx = trainer(tmp_path, ours, *flags, "--clip-grad", "0.05")
+    _, reference, _ = trainer(tmp_path, ref, *flags)
+    *_, plain = trainer(tmp_path, unclipped, *flags)
+    norms = []
+    for x, y in batches(3):
+        train_step(ctx, x, y)
+        train_step(plain, x, y)
+        params, update, _ = reference.sam_gradient(closure_for(ref, x, y), targets=y)
+        for p, g in zip(params, update):
+            p.grad = g
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, 0.05)))
+        reference.base_optimizer.step()
+    assert min(norms) > 0.05  # clipping was active at every step
+    assert_same_state(ours, ref, tol=1e-6)
+    gap = max((a - b).abs().max() for a, b in zip(ours.state_dict().values(), unclipped.state_dict().values()))
+    assert gap > 1e-4  # and it changed the update
+
+
+def test_clip_grad_under_deepspeed_is_gradient_clipping(tmp_path):
+    from argparse import Namespace
+
+    from ltsam.train.main import deepspeed_clipping
+
+    args = Namespace(clip_grad=1.5, clip_mode="norm")
+    assert deepspeed_clipping(args, {}, tmp_path) == 1.5
+    assert deepspeed_clipping(Namespace(clip_grad=None, clip_mode="norm"), {}, tmp_path) == 0.0  # not DS's 1.0
+    assert deepspeed_clipping(Namespace(clip_grad=None, clip_mode="norm"), {"gradient_clipping": 2}, tmp_path) == 2
+    with pytest.raises(SystemExit, match="--clip-grad 1.5 and --deepspeed-config .* gradient_clipping 2 disagree"):
+        deepspeed_clipping(args, {"gradient_clipping": 2}, tmp_path)
+    with pytest.raises(SystemExit, match="--clip-mode value: DeepSpeed clips by norm only"):
+        deepspeed_clipping(Namespace(clip_grad=1.0, clip_mode="value"), {}, tmp_path)
+
+
+def test_clip_grad_with_a_grad_scaler_clips_the_unscaled_direction(tmp_path):
+    """The clip runs inside the scaler's step, after unscaling: a scale of 1024 changes nothing."""
+    torch.manual_seed(2)
+    scaled = conv_bn_net()
+    ref = copy.deepcopy(scaled)
+    flags = ["--opt", "ssesam", "--eta", "20", "--clip-grad", "0.05"]
+    *_, ctx = trainer(tmp_path, scaled, *flags)
+    ctx.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    *_, plain = trainer(tmp_path, ref, *flags)
+    for x, y in batches(3):
+        train_step(ctx, x, y)
+        train_step(plain, x, y)
+    assert ctx.scaler.get_scale() == 1024.0  # no step was skipped
+    assert_same_state(scaled, ref, tol=1e-6)
+
+
+def _radius_groups(**fields: float) -> torch.optim.Optimizer:
+    """A plain SGD whose param groups carry radius fields, as the SAM family's do (two groups, one with
+    timm's layer-decay lr_scale, which must not scale a radius)."""
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr_scale": 0.5}], lr=0.3)
+    for group in opt.param_groups:
+        group.update(fields)
+    return opt
+
+
+def test_multistep_radius_schedule_is_focal_sams_imagenet_rule():
+    """Focal-SAM sets rho = 0.1 while epoch + 1 < 0.8 * epochs, else 0.2, before each (0-based) epoch."""
+    from ltsam.optim.radius import create_radius_scheduler
+
+    opt = _radius_groups(rho=0.1)
+    schedule = create_radius_scheduler(opt, "multistep", epochs=200, decay_milestones=[160], decay_rate=2.0)
+    for epoch in range(200):
+        schedule.step(epoch)
+        expected = 0.1 if epoch + 1 < 0.8 * 200 else 0.2
+        assert [g["rho"] for g in opt.param_groups] == pytest.approx([expected] * 2), epoch
+        assert [g["lr"] for g in opt.param_groups] == [0.3, 0.3]  # the learning rate is not touched
+    assert schedule.values() == {"rho": pytest.approx(0.2)}
+
+
+def test_cosine_and_step_radius_schedules_drive_every_radius_field():
+    from ltsam.optim.radius import create_radius_scheduler
+
+    opt = _radius_groups(head_rho=0.05, tail_rho=0.1)
+    schedule = create_radius_scheduler(opt, "cosine", epochs=4, min_rho=0.01)
+    for epoch in range(4):
+        schedule.step(epoch)
+        factor = 0.5 * (1 + torch.cos(torch.tensor(torch.pi * epoch / 4))).item()
+        assert opt.param_groups[1]["head_rho"] == pytest.approx(0.01 + (0.05 - 0.01) * factor)
+        assert opt.param_groups[1]["tail_rho"] == pytest.approx(0.01 + (0.1 - 0.01) * factor)
+    step = create_radius_scheduler(_radius_groups(rho=0.2), "step", decay_epochs=2, decay_rate=0.5)
+    step.step(5)
+    assert step.values() == {"rho": pytest.approx(0.2 * 0.5**2)}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sched="step"), "rho_sched=step needs rho_decay_epochs > 0"),
+    (dict(sched="multistep"), "rho_sched=multistep needs rho_decay_milestones"),
+    (dict(sched="linear"), "rho_sched='linear' is not one of none, step, multistep, cosine"),
+])
+def test_radius_schedule_errors(kwargs, message):
+    from ltsam.optim.radius import create_radius_scheduler
+
+    with pytest.raises(ValueError, match=message):
+        create_radius_scheduler(_radius_groups(rho=0.1), epochs=10, **kwargs)
+    with pytest.raises(ValueError, match="SGD has none"):
+        create_radius_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), "cosine", 10)
+
+
+def test_rho_sched_with_a_plain_optimizer_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"--opt sgd: --rho-sched=cosine schedules SAM-family radii"):
+        from ltsam.train.main import build_radius_scheduler
+
+        args = parse_args(["--rho-sched", "cosine"])
+        build_radius_scheduler(args, torch.optim.SGD(conv_bn_net().parameters(), lr=0.1))
+
+
+@pytest.mark.skipif(not os.environ.get("LTSAM_TIMM_TRAIN_PY"), reason="set LTSAM_TIMM_TRAIN_PY (as test_timm_trainpy)")
+@pytest.mark.filterwarnings("ignore:ltsam.timm found no train_one_epoch")
+def test_clip_grad_in_timms_train_py_clips_the_same_update_as_ltsam_train(tmp_path, train_module):  # noqa: F811
+    """One meaning of --clip-grad: train.py through ltsam.timm and ltsam train make the same clipped SSE-SAM step."""
+    from test_timm_trainpy import _epoch_kwargs
+
+    torch.manual_seed(4)
+    hooked = conv_bn_net()
+    own = copy.deepcopy(hooked)
+    flags = ["--opt", "ssesam", "--eta", "20", "--epochs", "2", "--clip-grad", "0.05"]
+    args, opt, _ = trainer(tmp_path, hooked, *flags)
+    *_, ctx = trainer(tmp_path, own, *flags)
+    data = batches(3)
+    train_module.train_one_epoch(**_epoch_kwargs(train_module, hooked, opt, data, torch.nn.CrossEntropyLoss(),
+                                                 args={"clip_grad": 0.05, "clip_mode": "norm"}))
+    for x, y in data:
+        train_step(ctx, x, y)
+    assert_same_state(hooked, own, tol=1e-6)
