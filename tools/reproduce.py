@@ -45,6 +45,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import yaml
+from launch import errors as launch_errors
+from launch import recipe as launch_recipe
 
 RECIPE_KEYS = {"name", "description", "output", "seeds", "baseline", "args", "methods"}
 METHOD_KEYS = {"label", "args"}
@@ -132,10 +134,10 @@ def load_recipe(path: str | Path) -> Recipe:
     file = Path(path)
     if not file.is_file():
         raise RecipeError(f"{file}: recipe file does not exist")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{file}: not valid YAML: {err}") from err
+    try:  # the launcher's reader: `${LTSAM_DATA:-../shared/data}` is read from the environment
+        raw = launch_recipe.load(file).data
+    except launch_errors.RecipeError as err:
+        raise RecipeError(str(err)) from err
     _check_keys(raw, RECIPE_KEYS, file, "")
     flags = trainer_flags()
     shared = _check_args(raw.get("args", {}), flags, file, "args")

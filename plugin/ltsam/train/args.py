@@ -12,6 +12,7 @@ import difflib
 from pathlib import Path
 
 import yaml
+from launch.scale import default_lr_scale, scale_lr
 from ltsam.data.samplers import SAMPLERS as DATA_SAMPLERS
 
 # what the trainer picks when neither the command line nor the YAML names a value: per data set, so that the
@@ -80,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--std", type=float, nargs="+", default=None)
     group.add_argument("--drop", type=float, default=None, help="dropout rate before the classifier")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
-    group.add_argument("-b", "--batch-size", type=int, default=None, help="per-process batch size")
+    group.add_argument("-b", "--batch-size", type=int, default=None,
+                       help="per-process batch size (of one micro-batch with --grad-accum-steps)")
+    group.add_argument("--grad-accum-steps", type=int, default=1,
+                       help="optimizer step every N loader batches: the update of one batch N x --batch-size")
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None)
 
     group = parser.add_argument_group("Optimizer")
@@ -203,6 +207,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--stop-epoch must lie in [1, --epochs={args.epochs}], got {args.stop_epoch}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.grad_accum_steps < 1:
+        parser.error(f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}")
     if args.eval_interval < 1:
         parser.error(f"--eval-interval must be >= 1, got {args.eval_interval}")
     if args.resume and args.overwrite:
@@ -212,13 +218,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def resolve_lr(args: argparse.Namespace, world_size: int) -> None:
-    """timm's rule: without --lr, lr = lr_base * global batch / lr_base_size (sqrt-scaled for ada/lamb)."""
+    """timm's rule: without --lr, lr = lr_base * global batch / lr_base_size (sqrt-scaled for ada/lamb); the
+    launcher's scale rule (launch/scale.py) is the same function."""
     if args.lr is not None:
         return
-    global_batch = args.batch_size * world_size
-    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
-    ratio = global_batch / args.lr_base_size
-    args.lr = args.lr_base * (ratio**0.5 if scale == "sqrt" else ratio)
+    global_batch = args.batch_size * world_size * args.grad_accum_steps
+    args.lr = scale_lr(args.lr_base, global_batch, args.lr_base_size,
+                       args.lr_base_scale or default_lr_scale(args.opt))
 
 
 def experiment_name(args: argparse.Namespace) -> str:
