@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="digits-lt (embedded), mnist-lt, cifar10-lt, cifar100-lt, imagenet-lt, inat2018, "
                             "folder, list; or shards written by `ltsam shards write` in --data-dir: 'shards' "
                             "streams them (--sampler re-balances in the stream), 'shards-wids' reads by index")
+    group.add_argument("--train-list", default=None,
+                       help="--dataset list: training list file, 'relative/path label' lines (paths relative to "
+                            "--data-dir, default this file's folder); it gives the class counts")
+    group.add_argument("--val-list", default=None, help="--dataset list: evaluation list file, same format")
     group.add_argument("--train-split", default="train")
     group.add_argument("--val-split", default="test", help="split evaluated each --eval-interval epochs")
     group.add_argument("--imb-factor", type=float, default=None,
@@ -129,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--model-ema-decay", type=float, default=0.9998)
     group.add_argument("--model-ema-warmup", action="store_true")
     group.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    group.add_argument("--sync-bn", action="store_true",
+                       help="BatchNorm over the global batch (SyncBatchNorm; GPUs only) instead of each process's")
     group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
                        help="how BatchNorm buffers are made equal across ranks at the end of each epoch")
     group.add_argument("--deepspeed-config", default=None,
