@@ -19,6 +19,7 @@ from launch.errors import RecipeError
 SLURM = YAML / "imagenet_lt_r50_ssesam_slurm.yaml"
 TORCHRUN = YAML / "imagenet_lt_r50_ssesam_torchrun.yaml"
 HOSTILE = "a b'c\"d $(touch pwned) `id` ; e & f | g # h \\ i $HOME ~ *"
+MULTILINE = HOSTILE + "\n$(touch pwned2)\n"  # a line break is fine in a shell word, not in an #SBATCH line
 
 
 def multi_node_recipes() -> list[Path]:
@@ -107,8 +108,8 @@ def test_hostile_values_stay_one_argument_each(tmp_path):
                    f"launcher.slurm.job_name={json.dumps(HOSTILE)}", f"launcher.slurm.partition={json.dumps(HOSTILE)}",
                    f"launcher.slurm.sbatch_args={json.dumps(['--comment=' + HOSTILE])}",
                    f"launcher.slurm.srun_args={json.dumps(['--label=' + HOSTILE])}",
-                   f"launcher.env={json.dumps({'NCCL_SOCKET_IFNAME': '^lo,docker', 'HOSTILE_ENV': HOSTILE})}",
-                   f"program.args.note={json.dumps(HOSTILE)}", f"program.args.tags={json.dumps([HOSTILE, 'x y'])}")
+                   f"launcher.env={json.dumps({'NCCL_SOCKET_IFNAME': '^lo,docker', 'HOSTILE_ENV': MULTILINE})}",
+                   f"program.args.note={json.dumps(MULTILINE)}", f"program.args.tags={json.dumps([HOSTILE, 'x y'])}")
     text = plan.files["launch-job.sbatch"]
     sbatch = {line[len("#SBATCH "):] for line in text.splitlines() if line.startswith("#SBATCH ")}
     parsed = [shlex.split(line) for line in sbatch]
@@ -125,14 +126,14 @@ def test_hostile_values_stay_one_argument_each(tmp_path):
            "HOME": "/home/u"}
     run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
     assert f"srun-option --label={HOSTILE}" in run.stderr and "srun-option --cpus-per-task=64" in run.stderr
     seen = json.loads(run.stdout)
-    assert seen["NCCL_SOCKET_IFNAME"] == "^lo,docker" and seen["HOSTILE_ENV"] == HOSTILE
+    assert seen["NCCL_SOCKET_IFNAME"] == "^lo,docker" and seen["HOSTILE_ENV"] == MULTILINE
     argv = seen["argv"]
     assert argv[:5] == ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node7:29500",
                         "--rdzv-id=42"]
-    assert argv[argv.index("--note") + 1] == HOSTILE
+    assert argv[argv.index("--note") + 1] == MULTILINE
     assert argv[argv.index("--tags") + 1: argv.index("--tags") + 3] == [HOSTILE, "x y"]
 
 
