@@ -110,10 +110,12 @@ def _unscaled(recipe: Recipe, world: int | None, total: int | None, per_process:
     """No `scale:` section: the global batch is split over the world, a per-process batch passes as is."""
     lr_text = "lr: the program's default" if lr is None else f"lr {lr} as written"
     if total is None:
-        known = f"global batch {per_process * world * accum}" if per_process and world else "global batch: " \
-                                                                                             "the program's"
-        return Scaled(None, per_process * world * accum if per_process and world else None, None,
-                      f"scale: world size {world or 'elastic'}; {known}; no scale: section, {lr_text}")
+        shape = f"{per_process} per process" if per_process else "the program's batch per process"
+        known = shape + (f" x {world} process(es) x {accum} micro-batch(es)" if world else " x an elastic world")
+        global_batch = per_process * world * accum if per_process and world else None
+        prefix = f"global batch {global_batch} = " if global_batch else ""
+        return Scaled(None, global_batch, None,
+                      f"scale: world size {world or 'elastic'}; {prefix}{known}; no scale: section, {lr_text}")
     if world is None:
         raise recipe.error("global_batch_size", "needs a fixed world size (the launcher's is elastic or 'auto')")
     if total % (world * accum):
