@@ -28,6 +28,8 @@ def dry_run(plan: backends.Plan) -> None:
         if name != backends.COMMAND_FILE:
             print(f"# ---- {plan.log_dir / name}")
             print(text, end="" if text.endswith("\n") else "\n")
+    for note in plan.notes:
+        print(f"# {note}")
     print(f"# ---- commands{'' if plan.execute else ' (not run: set launcher.slurm.submit=true to submit)'}")
     for argv in plan.commands:
         print(shlex.join(argv))

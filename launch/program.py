@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from launch import scale
 from launch.recipe import Recipe
 
 Style = Literal["python", "torchrun", "deepspeed"]
@@ -57,12 +58,14 @@ def to_flags(args: dict[str, Any]) -> list[str]:
 
 
 def resolved_args(recipe: Recipe, world_size: int | None, deepspeed: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The program's args with what the launcher derives: per-process batch from `global_batch_size`,
-    AMP flags from `precision` (unless DeepSpeed owns precision), and the DeepSpeed config and stage."""
+    """The program's args with what the launcher derives: per-process batch and lr from the scale rule
+    (launch/scale.py), AMP flags from `precision` (unless DeepSpeed owns precision), and the DeepSpeed config."""
     args = dict(recipe.get("program.args") or {})
-    total = recipe.get("global_batch_size")
-    if total is not None and world_size:
-        args["batch_size"] = total // world_size
+    scaled = scale.resolve(recipe, world_size)
+    if scaled.per_process is not None:
+        args["batch_size"] = scaled.per_process
+    if scaled.lr is not None:
+        args["lr"] = scaled.lr
     precision = recipe.get("precision")
     if precision in AMP_DTYPES and deepspeed is None:
         args["amp"] = True

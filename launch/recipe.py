@@ -137,6 +137,11 @@ def _merge(dst: dict[str, Any], dst_origins: dict[str, str], src: dict[str, Any]
         dst_origins.update({k: v for k, v in src_origins.items() if k == dotted or k.startswith(dotted + ".")})
 
 
+def interpolate(doc: yamlio.YamlDoc, environ: Mapping[str, str] | None = None) -> Any:
+    """A loaded document's data with `${VAR}` / `${VAR:-default}` read from `environ` (default os.environ)."""
+    return _interpolate(doc.data, os.environ if environ is None else environ, doc.file, "", doc)
+
+
 def _interpolate(node: Any, env: Mapping[str, str], source: str, dotted: str,
                  doc: yamlio.YamlDoc | None = None) -> Any:
     """Replace `${VAR}` / `${VAR:-default}` in string leaves; a value that is one whole `${...}` is re-read

@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from launch import backends
+from launch import backends, scale
 from launch.backends import deepspeed, slurm, torchrun
 from launch.recipe import Recipe
 from ltsam_common.names import sam_method
 
 SCALAR = (str, int, float, bool)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ SCHEMA: dict[str, Any] = {
     "name": STR,
     "description": STR,
     "global_batch_size": POSITIVE,
+    "scale": {"keep": _choice(*scale.KEEP), "lr_scale": _choice(*scale.LR_SCALES), "reference_world_size": POSITIVE},
     "precision": _choice("fp32", "bf16", "fp16"),
     "program": {"module": STR, "script": STR, "args": ARGS, "extra_args": STR_LIST},
     "launcher": {
@@ -84,6 +87,7 @@ def validate(recipe: Recipe) -> None:
     {"torchrun": _check_torchrun, "deepspeed": _check_deepspeed, "slurm": _check_slurm}.get(kind, _none)(recipe)
     if recipe.get("precision") and any(recipe.get(f"program.args.{k}") is not None for k in ("amp", "amp_dtype")):
         raise recipe.error("precision", "set precision or program.args.amp/amp_dtype, not both")
+    _check_env(recipe)
     world = backends.world_size(recipe)
     _check_batch(recipe, world)
     if kind == "deepspeed" or (kind == "slurm" and recipe.get("launcher.slurm.runner") == "deepspeed"):
@@ -163,8 +167,9 @@ def _check_torchrun(recipe: Recipe) -> None:
     if backend != "static" and static_only:
         raise recipe.error(f"{section}.{static_only[0]}", "only for rdzv_backend: static (c10d finds ranks itself)")
     multi_node = nnodes != 1
-    if backend == "c10d" and multi_node and not cfg.get("rdzv_endpoint"):
-        raise recipe.error(f"{section}.rdzv_endpoint", "c10d on several nodes needs HOST:PORT of one node")
+    if backend == "c10d" and multi_node and not str(cfg.get("rdzv_endpoint") or "").rpartition(":")[0].strip():
+        raise recipe.error(f"{section}.rdzv_endpoint", "c10d on several nodes needs HOST:PORT of one node that every "
+                                                       "node reaches (the host is empty)")
     if backend == "static" and isinstance(nnodes, int) and multi_node:
         if cfg.get("node_rank") is None or not cfg.get("master_addr"):
             raise recipe.error(section, "static rendezvous on several nodes needs node_rank and master_addr "
@@ -199,7 +204,17 @@ def _check_deepspeed(recipe: Recipe) -> None:
                                                             "master_addr")
 
 
+def _check_env(recipe: Recipe) -> None:
+    """`launcher.env` keys become `export KEY=...` lines and process environment names: names only."""
+    for key in recipe.get("launcher.env") or {}:
+        if not ENV_NAME.fullmatch(str(key)):
+            raise recipe.error(f"launcher.env.{key}", "not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+
+
 def _check_slurm(recipe: Recipe) -> None:
+    for key, option in slurm.header(recipe):
+        if any(c in option for c in "\n\r\0"):
+            raise recipe.error(key, "a line break or NUL cannot be written into an #SBATCH line", value=option)
     runner = recipe.get(f"{slurm.SECTION}.runner") or "torchrun"
     cfg = recipe.get(f"launcher.{runner}") or {}
     for key in SET_BY_SLURM[runner]:
@@ -209,16 +224,8 @@ def _check_slurm(recipe: Recipe) -> None:
 
 
 def _check_batch(recipe: Recipe, world: int | None) -> None:
-    total = recipe.get("global_batch_size")
-    if total is None:
-        return
-    if recipe.get("program.args.batch_size") is not None:
-        raise recipe.error("program.args.batch_size", "set either global_batch_size (split over processes) "
-                                                      "or the per-process batch_size, not both")
-    if world is None:
-        raise recipe.error("global_batch_size", "needs a fixed world size (the launcher's is elastic or 'auto')")
-    if total % world:
-        raise recipe.error("global_batch_size", f"does not divide by the world size {world}")
+    """The batch / lr rule (launch/scale.py) applies at this world size, or names the key that stops it."""
+    scale.resolve(recipe, world)
 
 
 def _check_ds_config(recipe: Recipe, world: int | None) -> None:
@@ -229,6 +236,9 @@ def _check_ds_config(recipe: Recipe, world: int | None) -> None:
     if deepspeed.zero_stage(config) == 3 and opt:
         raise recipe.error(where, f"ZeRO-3 partitions the weights, so {opt} cannot perturb them; use stage 0-2",
                            value=3)
+    if (recipe.get("program.args.grad_accum_steps") or 1) > 1:
+        raise recipe.error("program.args.grad_accum_steps", "ltsam train does not accumulate under DeepSpeed "
+                                                            "(its step takes one whole batch); run it with torchrun")
     if "train_batch_size" not in config:
         raise recipe.error("global_batch_size", "DeepSpeed needs a batch size: set global_batch_size "
                                                 "(or program.args.batch_size per process)", value=None)

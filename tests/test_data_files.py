@@ -63,8 +63,13 @@ def test_broken_image_raises_or_warns(tmp_path):
     listing = tmp_path / "all.txt"
     listing.write_text("".join(f"{p} {y}\n" for p, y in pairs))
     ds = create_lt_dataset("list", tmp_path, list_file=listing)
-    with pytest.raises(OSError, match=r"image '.*img/0_1.png' \(sample 1, label 0\) does not decode"):
+    with pytest.raises(OSError, match=r"image '.*img/0_1.png' \(listed in .*all.txt, line 2, label 0\) does not "
+                                      r"decode"):
         ds[1]
+    (tmp_path / pairs[5][0]).unlink()  # a missing image names its list file and line too
+    with pytest.raises(OSError, match=r"image '.*img/1_1.png' \(listed in .*all.txt, line 6, label 1\) does not "
+                                      r"decode: .*No such file"):
+        ds[5]
     tolerant = create_lt_dataset("list", tmp_path, list_file=listing, skip_broken=True)
     with pytest.warns(UserWarning, match=r"0_1.png' \(1 broken so far\)"):
         img, label = tolerant[1]

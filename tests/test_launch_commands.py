@@ -15,7 +15,7 @@ from launch.program import to_flags, tool
 
 PY = sys.executable
 RECIPES = sorted(YAML.glob("*.yaml"))
-CIFAR = ["--data-dir", "data", "--dataset", "cifar100-lt", "--imb-factor", "100", "--num-classes", "100",
+CIFAR = ["--data-dir", "../shared/data", "--dataset", "cifar100-lt", "--imb-factor", "100", "--num-classes", "100",
          "--model", "resnet34_cifar", "--epochs", "200", "--sched", "cosine", "--warmup-epochs", "0", "--min-lr", "0"]
 
 
@@ -27,14 +27,27 @@ def test_flag_mapping_is_generic():
                               "rho=0.05", "base=momentum", "class_counts=[5, 3]", "--lr", "0.001"]
 
 
+@pytest.mark.parametrize("data", [None, "/data/set with space"], ids=["LTSAM_DATA-unset", "LTSAM_DATA-set"])
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_every_recipe_dry_runs(path, capsys, monkeypatch):
-    monkeypatch.setenv("TIMM_TRAIN_PY", ENV["TIMM_TRAIN_PY"])
+def test_every_recipe_dry_runs(path, data, capsys, monkeypatch):
+    """Every recipe dry-runs; its data comes from LTSAM_DATA, else the repo-relative ../shared/data."""
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    if data is None:
+        monkeypatch.delenv("LTSAM_DATA", raising=False)
+    else:
+        monkeypatch.setenv("LTSAM_DATA", data)
     assert cli.main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    plan = planned(path)
+    plan = planned(path, env={} if data is None else {"LTSAM_DATA": data})
     assert out.splitlines()[-1] == shlex.join(plan.commands[-1])
     assert "# ---- " + str(plan.log_dir / "launch-recipe.yaml") in out
+    assert "\n# scale: world size " in out
+    argv = shlex.split(plan.files["launch-job.sbatch"].splitlines()[-1])[-1] if "launch-job.sbatch" in plan.files \
+        else shlex.join(plan.commands[0])
+    if "--data-dir" in argv:
+        expected = "../shared/data" if data is None else data
+        assert shlex.split(argv)[shlex.split(argv).index("--data-dir") + 1].startswith(expected)
 
 
 def test_quickstart_local_exact():
@@ -97,7 +110,7 @@ def test_torchrun_static_and_standalone():
 
 def test_elastic_nnodes_stays_a_string():
     argv = planned(YAML / "imagenet_lt_r50_ssesam_torchrun.yaml", "launcher.torchrun.nnodes=1:4",
-                   "~global_batch_size", "program.args.batch_size=16").commands[0]
+                   "~global_batch_size", "program.args.batch_size=16", "~scale").commands[0]
     assert argv[1] == "--nnodes=1:4"
 
 
@@ -142,9 +155,10 @@ def test_slurm_torchrun_script():
                  "#SBATCH --partition=gpu", ". .venv/bin/activate"):
         assert line in script.splitlines()
     srun = script.splitlines()[-1]
-    assert srun.startswith('srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c ')
+    assert srun.startswith('srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1 '
+                           'bash -c ')
     inner = shlex.split(srun)[-1]
-    assert inner.startswith(f'{tool("torchrun")} --nnodes="${{SLURM_NNODES}}" --nproc-per-node=8 '
+    assert inner.startswith('python -m torch.distributed.run --nnodes="${SLURM_NNODES}" --nproc-per-node=8 '
                             '--rdzv-backend=c10d --rdzv-endpoint="${HEAD_NODE}":29500 '
                             '--rdzv-id="${SLURM_JOB_ID}" --max-restarts=3 -m ltsam.train ')
     assert inner.endswith("--batch-size 16")
@@ -172,9 +186,9 @@ def test_slurm_deepspeed_script():
     assert 'export HOSTFILE=runs/inat2018/r50-focalsam/hostfile."${SLURM_JOB_ID}"' in script
     assert 'sed "s/\\$/ slots=4/" > "$HOSTFILE"' in script
     inner = shlex.split(script.splitlines()[-1])[-1]
-    assert inner.startswith(f'{tool("deepspeed")} --hostfile="${{HOSTFILE}}" --master_addr="${{HEAD_NODE}}" '
-                            '--master_port=29500 --node_rank="${SLURM_NODEID}" --no_ssh --no_local_rank '
-                            '--module ltsam.train ')
+    assert inner.startswith(f'{PY} -m deepspeed.launcher.runner --hostfile="${{HOSTFILE}}" '
+                            '--master_addr="${HEAD_NODE}" --master_port=29500 --node_rank="${SLURM_NODEID}" '
+                            '--no_ssh --no_local_rank --module ltsam.train ')
 
 
 def test_launcher_never_imports_torch():

@@ -59,7 +59,10 @@ def test_batch_must_divide_world_and_not_be_given_twice():
     assert message == "command line: global_batch_size = 100: does not divide by the world size 16"
     assert "not both" in error(YAML / "quickstart.yaml", "program.args.batch_size=32")
     assert "needs a fixed world size" in error(YAML / "imagenet_lt_r50_ssesam_torchrun.yaml",
-                                               "launcher.torchrun.nnodes=1:4")
+                                               "launcher.torchrun.nnodes=1:4", "~scale")
+    assert error(YAML / "imagenet_lt_r50_ssesam_torchrun.yaml", "launcher.torchrun.nnodes=1:4").startswith(
+        f"{YAML / 'imagenet_lt_r50_ssesam_torchrun.yaml'}:8: scale = {{'keep': 'global_batch', "
+        "'reference_world_size': 16}: needs a fixed world size")
 
 
 @pytest.mark.parametrize("overrides, expected", [

@@ -100,3 +100,15 @@ def test_shipped_recipes_give_valid_trainer_commands(path):
     for run in runs:
         args = parse_args(run.argv)
         assert args.seed == recipe.seeds[0] and args.output == str(run.folder.parent)
+
+
+@pytest.mark.parametrize("data", [None, "/elsewhere/data"], ids=["LTSAM_DATA-unset", "LTSAM_DATA-set"])
+def test_shipped_recipes_find_data_through_ltsam_data(monkeypatch, data):
+    """No machine's absolute path: LTSAM_DATA, else ../shared/data relative to where the harness runs."""
+    if data is None:
+        monkeypatch.delenv("LTSAM_DATA", raising=False)
+    else:
+        monkeypatch.setenv("LTSAM_DATA", data)
+    for path in sorted((ROOT / "yaml" / "reproduce").glob("*.yaml")):
+        for method in reproduce.load_recipe(path).methods:
+            assert method.args["data_dir"] == (data or "../shared/data"), (path.name, method.key)

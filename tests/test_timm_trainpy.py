@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import CLASS_COUNTS, batches, conv_bn_net
+from conftest import CLASS_COUNTS, batches, conv_bn_net, conv_gn_net
 from packaging import version
 from PIL import Image
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -138,8 +138,35 @@ def test_step_the_loss_scaler_skips_is_counted(train_module):
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+@needs_train_py
+@pytest.mark.parametrize("method", ["sam", "ssesam"])
+def test_accumulated_micro_batches_equal_whole_batches(train_module, method):
+    """--grad-accum-steps 2 over 7 micro-batches of 8 (updates of 2, 2, 2 and 1: timm's last shorter group) ends
+    with the weights of batches 16, 16, 16, 8 on a GroupNorm net; passes are reported per micro-batch."""
+    torch.manual_seed(0)
+    whole_model = conv_gn_net()
+    accum_model = copy.deepcopy(whole_model)
+    data = batches(3) + [tuple(t[:8] for t in batches(1, seed=5)[0])]
+    micro = [(x[i:i + 8], y[i:i + 8]) for x, y in data for i in range(0, len(y), 8)]
+    assert len(micro) == 7
+
+    def make(model):
+        extra = {"class_counts": CLASS_COUNTS, "eta": 20, "gamma": 0.5, "epochs": 2} if method == "ssesam" else {}
+        return timm.optim.create_optimizer_v2(model, opt=method, lr=0.05, **extra)
+
+    whole_opt, accum_opt = make(whole_model), make(accum_model)
+    whole = train_module.train_one_epoch(**_epoch_kwargs(train_module, whole_model, whole_opt, data,
+                                                         nn.CrossEntropyLoss()))
+    accum = train_module.train_one_epoch(**_epoch_kwargs(train_module, accum_model, accum_opt, micro,
+                                                         nn.CrossEntropyLoss(), args={"grad_accum_steps": 2}))
+    for (name, a), b in zip(whole_model.state_dict().items(), accum_model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert accum_opt.last_passes.micro_batches == 1  # the epoch's last update had one micro-batch
+    # train.py's epoch loss weighs each logged value by its batch: every sample's loss counts once in both
+    assert accum["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+
+
 REFUSALS = [
-    ({"args": {"grad_accum_steps": 2}}, "--grad-accum-steps"),
     ({"args": {"mixup": 0.8}}, "--mixup/--cutmix"),
     ({"args": {"cutmix": 1.0}}, "--mixup/--cutmix"),
     ({"args": {"jsd_loss": True}}, "--jsd-loss"),

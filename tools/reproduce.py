@@ -44,6 +44,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from launch import errors as launch_errors
+from launch import recipe as launch_recipe
 from ltsam_common import yamlio
 
 RECIPE_KEYS = {"name", "description", "output", "seeds", "baseline", "args", "methods"}
@@ -121,10 +123,15 @@ def _check_args(doc: yamlio.YamlDoc, where: str, flags: dict[str, tuple | None])
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe; every error names the file, the line and the key."""
+    """Parse and validate a recipe; every error names the file, the line and the key. ``${VAR:-default}``
+    (e.g. ``${LTSAM_DATA:-../shared/data}``) is read from the environment, as the launcher does."""
     try:
-        return _recipe(yamlio.load(path, "recipe file"))
+        doc = yamlio.load(path, "recipe file")
+        doc.data = launch_recipe.interpolate(doc)
+        return _recipe(doc)
     except yamlio.YamlError as err:
+        raise RecipeError(str(err)) from None
+    except launch_errors.RecipeError as err:
         raise RecipeError(str(err)) from None
 
 

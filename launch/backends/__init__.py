@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from launch import scale
 from launch.backends import deepspeed, local, slurm, torchrun
 from launch.program import log_dir
 from launch.recipe import Recipe
@@ -25,6 +26,7 @@ class Plan:
     execute: bool = True
     log_dir: Path = Path()
     env: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the launcher decided (the scale rule), for the dry run
 
 
 def kind(recipe: Recipe) -> str:
@@ -42,7 +44,8 @@ def plan(recipe: Recipe) -> Plan:
     files = {RECIPE_FILE: yaml.safe_dump(recipe.data, sort_keys=False), **files,
              COMMAND_FILE: "".join(shlex.join(argv) + "\n" for argv in commands)}
     env = {str(k): str(v) for k, v in (recipe.get("launcher.env") or {}).items()}
-    return Plan(commands, files, execute, log_dir(recipe), env)
+    notes = [scale.resolve(recipe, world_size(recipe)).note]
+    return Plan(commands, files, execute, log_dir(recipe), env, notes)
 
 
 def environment(plan: Plan) -> dict[str, str]:

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from launch import scale
 from launch.program import log_dir, program_argv, resolved_args, tool
 from launch.recipe import Recipe
 
@@ -112,8 +113,7 @@ def ds_config(recipe: Recipe, world: int | None) -> dict[str, Any]:
             raise recipe.error(key, "a ds_config must be a JSON object")
     else:
         config = {"gradient_accumulation_steps": 1}
-    per_process = recipe.get("program.args.batch_size")
-    total = recipe.get("global_batch_size") or (per_process * world if per_process and world else None)
+    total = scale.resolve(recipe, world).total
     if total and world:
         accumulation = config.get("gradient_accumulation_steps", 1)
         config.update(train_batch_size=total, train_micro_batch_size_per_gpu=total // (world * accumulation))
@@ -129,9 +129,9 @@ def ds_config(recipe: Recipe, world: int | None) -> dict[str, Any]:
     return _deep_update(config, cfg.get("config") or {})
 
 
-def launcher_argv(cfg: dict[str, Any]) -> list[str]:
-    """`deepspeed` and its own options, before the program."""
-    argv = [cfg.get("executable") or tool("deepspeed")]
+def launcher_argv(cfg: dict[str, Any], head: list[str] | None = None) -> list[str]:
+    """`deepspeed` (`executable`, else `head`, else the venv's deepspeed) and its options, before the program."""
+    argv = [cfg["executable"]] if cfg.get("executable") else list(head or [tool("deepspeed")])
     argv += [f"--{key}={cfg[key]}" for key in FLAGS if cfg.get(key) is not None]
     multinode = cfg.get("multinode_launcher")
     if multinode:

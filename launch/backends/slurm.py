@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ SCRIPT_FILE = "launch-job.sbatch"
 HOSTFILE = "hostfile"
 SBATCH_OPTIONS = ("partition", "account", "qos", "time", "mem", "constraint", "cpus_per_task")
 _SHELL_VAR = re.compile(r"(\$\{[A-Za-z_][A-Za-z0-9_]*\})")
+_PLAIN = re.compile(r"[\w@%+=:,./-]+")
 
 
 def world_size(recipe: Recipe) -> int:
@@ -33,39 +35,72 @@ def shell_quote(token: str) -> str:
     return "".join(f'"{p}"' if _SHELL_VAR.fullmatch(p) else shlex.quote(p) for p in parts) or "''"
 
 
+def interpreter(recipe: Recipe) -> str:
+    """The one Python the job runs: `launcher.python`, else `python` as the `setup` lines leave it on PATH
+    (e.g. after activating a venv), else the interpreter running the launcher (a path on shared storage)."""
+    cfg = recipe.get(SECTION) or {}
+    return recipe.get("launcher.python") or ("python" if cfg.get("setup") else sys.executable)
+
+
 def node_command(recipe: Recipe) -> tuple[list[str], list[str], dict[str, str]]:
-    """What srun runs on each node, the batch-script lines it needs first, and extra files to write."""
+    """What srun runs on each node, the batch-script lines it needs first, and extra files to write.
+
+    torchrun and deepspeed start as modules of the job's interpreter (`python -m torch.distributed.run`,
+    `python -m deepspeed.launcher.runner`), so launcher and workers run the Python the setup lines chose."""
     cfg = recipe.get(SECTION) or {}
     port, gpus, world = cfg.get("port", 29500), cfg.get("gpus_per_node", 1), world_size(recipe)
+    python = interpreter(recipe)
     if cfg.get("runner", "torchrun") == "torchrun":
         settings = {**(recipe.get(torchrun.SECTION) or {}), "standalone": False, "nnodes": "${SLURM_NNODES}",
                     "nproc_per_node": gpus, "rdzv_backend": "c10d", "rdzv_endpoint": f"${{HEAD_NODE}}:{port}",
                     "rdzv_id": "${SLURM_JOB_ID}"}
         program = program_argv(recipe, "torchrun", resolved_args(recipe, world))
-        return torchrun.launcher_argv(settings) + program, [], {}
+        return torchrun.launcher_argv(settings, [python, "-m", "torch.distributed.run"]) + program, [], {}
     hostfile = log_dir(recipe) / f"{HOSTFILE}.${{SLURM_JOB_ID}}"
     settings = {**(recipe.get(deepspeed.SECTION) or {}), "hostfile": "${HOSTFILE}", "multinode_launcher": "no_ssh",
                 "node_rank": "${SLURM_NODEID}", "master_addr": "${HEAD_NODE}", "master_port": port}
     program, files = deepspeed.program_part(recipe, world)
     lines = [f"export HOSTFILE={shell_quote(str(hostfile))}",
              f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\\$/ slots={gpus}/" > "$HOSTFILE"']
-    return deepspeed.launcher_argv(settings) + program, lines, files
+    return deepspeed.launcher_argv(settings, [python, "-m", "deepspeed.launcher.runner"]) + program, lines, files
+
+
+def sbatch_quote(token: str) -> str:
+    """One `#SBATCH` argument as sbatch reads it: sbatch splits on blanks, honours '...' / "..." and a
+    backslash everywhere (also inside single quotes, unlike a shell), and ends the line at an unquoted `#`;
+    so anything but plain characters goes in double quotes with `\\` and `"` escaped. shlex reads it alike."""
+    if _PLAIN.fullmatch(token):
+        return token
+    return '"' + token.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def header(recipe: Recipe) -> list[tuple[str, str]]:
+    """(recipe key, sbatch option) for every `#SBATCH` line; the key names what to fix in an error."""
+    cfg: dict[str, Any] = recipe.get(SECTION) or {}
+    out = log_dir(recipe)
+    options = [(f"{SECTION}.job_name" if cfg.get("job_name") else "name",
+                f"--job-name={cfg.get('job_name') or recipe.name}"),
+               (f"{SECTION}.nodes", f"--nodes={cfg.get('nodes', 1)}"), (SECTION, "--ntasks-per-node=1"),
+               (f"{SECTION}.gpus_per_node", f"--gpus-per-node={cfg.get('gpus_per_node', 1)}")]
+    options += [(f"{SECTION}.{k}", f"--{k.replace('_', '-')}={cfg[k]}") for k in SBATCH_OPTIONS
+                if cfg.get(k) is not None]
+    options += [("launcher.log_dir", f"--chdir={Path.cwd()}"), ("launcher.log_dir", f"--output={out / 'slurm-%j.out'}")]
+    options += [(f"{SECTION}.sbatch_args", str(a)) for a in cfg.get("sbatch_args") or []]
+    return options
 
 
 def script(recipe: Recipe) -> tuple[str, dict[str, str]]:
-    """The sbatch script text and the files it refers to."""
+    """The sbatch script text and the files it refers to. Every recipe value is one quoted word; only the
+    `setup` lines are shell, as written."""
     cfg: dict[str, Any] = recipe.get(SECTION) or {}
-    out = log_dir(recipe)
     command, prelude, files = node_command(recipe)
-    header = [f"--job-name={cfg.get('job_name') or recipe.name}", f"--nodes={cfg.get('nodes', 1)}",
-              "--ntasks-per-node=1", f"--gpus-per-node={cfg.get('gpus_per_node', 1)}",
-              *(f"--{k.replace('_', '-')}={cfg[k]}" for k in SBATCH_OPTIONS if cfg.get(k) is not None),
-              f"--chdir={Path.cwd()}", f"--output={out / 'slurm-%j.out'}", *(cfg.get("sbatch_args") or [])]
     env = [f"export {k}={shell_quote(str(v))}" for k, v in (recipe.get("launcher.env") or {}).items()]
-    srun = ["srun", '--nodes="$SLURM_NNODES"', "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+    cpus = [f"--cpus-per-task={cfg['cpus_per_task']}"] if cfg.get("cpus_per_task") else []  # srun does not inherit it
+    srun = ["srun", '--nodes="$SLURM_NNODES"', "--ntasks-per-node=1", *cpus, "--kill-on-bad-exit=1",
             *map(shlex.quote, cfg.get("srun_args") or [])]
     inner = " ".join(shell_quote(t) for t in command)
-    lines = ["#!/bin/bash", *(f"#SBATCH {h}" for h in header), "set -euo pipefail", *(cfg.get("setup") or []), *env,
+    lines = ["#!/bin/bash", *(f"#SBATCH {sbatch_quote(option)}" for _, option in header(recipe)),
+             "set -euo pipefail", *(cfg.get("setup") or []), *env,
              'export HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"', *prelude,
              f"{' '.join(srun)} bash -c {shlex.quote(inner)}"]
     return "\n".join(lines) + "\n", files

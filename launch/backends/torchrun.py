@@ -27,9 +27,9 @@ def standalone(cfg: dict[str, Any]) -> bool:
                                                                          "master_addr", "master_port"))
 
 
-def launcher_argv(cfg: dict[str, Any]) -> list[str]:
-    """`torchrun` and its own options, before the program."""
-    argv = [cfg.get("executable") or tool("torchrun")]
+def launcher_argv(cfg: dict[str, Any], head: list[str] | None = None) -> list[str]:
+    """`torchrun` (`executable`, else `head`, else the venv's torchrun) and its own options, before the program."""
+    argv = [cfg["executable"]] if cfg.get("executable") else list(head or [tool("torchrun")])
     if standalone(cfg):
         argv.append("--standalone")
     argv += [f"--{key.replace('_', '-')}={cfg[key]}" for key in FLAGS if cfg.get(key) is not None]

@@ -15,9 +15,10 @@ the hook therefore costs what ``opt.step(closure, targets=y)`` costs.
 The per-sample criterion follows train.py's loss: cross-entropy on hard labels with its ``--smoothing``
 (``(1 - s) * nll + s * mean_c(-log p_c)``, timm's ``LabelSmoothingCrossEntropy`` before its batch mean), or the
 soft-target cross-entropy under mixup/cutmix (plain ``sam`` only). Setups that cannot be exact are refused with
-the flag's name: ``--grad-accum-steps`` > 1, mixup/cutmix with imbsam/ssesam/focalsam, ``--naflex-loader``,
+the flag's name: mixup/cutmix with imbsam/ssesam/focalsam, ``--naflex-loader``,
 ``--train-img-sizes``, ``--aug-splits``, ``--jsd-loss``, ``--bce-loss``, distillation tasks, Lookahead, and
 ``--torchcompile`` where train.py compiles the whole task (1.0.23-1.0.26).
+``--grad-accum-steps`` N buffers N loader batches and makes one SAM-family step on them (``micro_batches=N``).
 After each epoch the optimizer's epoch advances (SSE-SAM's stage), and ``epochs`` defaults to ``--epochs``.
 """
 
@@ -108,19 +109,50 @@ def per_sample_criterion(criterion: Any) -> PerSampleLoss:
 
 
 class _HookedStep:
-    """Per batch: the engine's gradient G on the captured batch, then the base step when train.py steps."""
+    """Per batch: the engine's gradient G on the captured batch, then the base step when train.py steps.
+
+    With ``--grad-accum-steps`` N the loader's batches are micro-batches: they are buffered until train.py's
+    update (every N batches, and the epoch's last shorter group, timm's rule), then one SAM-family step runs on
+    their concatenation with ``micro_batches`` = their number, so the update is the one of the whole batch."""
 
     def __init__(self, optimizer: SAMFamily, module: nn.Module, criterion: PerSampleLoss,
-                 scaler: torch.amp.GradScaler | None) -> None:
+                 scaler: torch.amp.GradScaler | None, accum_steps: int = 1, num_batches: int = 0) -> None:
         self.optimizer, self.module, self.criterion, self.scaler = optimizer, module, criterion, scaler
+        self.accum_steps, self.num_batches = accum_steps, num_batches
+        self.buffer: list[tuple[Tensor, Tensor]] = []
+        self.seen = 0  # loader batches of this epoch so far
         self.pending = False
         self.computing = False
         self.steps = 0
         self.skipped = 0
 
+    def group_size(self) -> int:
+        """Micro-batches in the current update: N, or what is left for the epoch's last update."""
+        full = self.num_batches - self.num_batches % self.accum_steps
+        return self.accum_steps if self.seen < full else self.num_batches - full
+
     def loss(self, input: Tensor, target: Tensor) -> Tensor:
-        """Set p.grad = G for the batch; the returned mean loss is a leaf, so train.py's backward is free."""
+        """Set p.grad = G for the batch; the returned mean loss is a leaf, so train.py's backward is free.
+
+        Under accumulation train.py divides each micro-batch's loss by N and logs it times N: the micro-batches
+        before the update report 0 and the last reports the group's N x mean loss, so train.py's epoch loss (its
+        average) is the mean loss of every sample, while a single logged value is not a micro-batch's own."""
+        if self.accum_steps > 1:
+            size = self.group_size()
+            if not self.buffer:
+                self.settle()
+            self.buffer.append((input, target))
+            self.seen += 1
+            if len(self.buffer) < size:
+                return torch.zeros((), device=input.device, requires_grad=True) * 1.0  # train.py divides in place
+            input, target = (torch.cat(parts) for parts in zip(*self.buffer))
+            self.buffer = []
+            return self._gradient(input, target, size) * size
         self.settle()
+        return self._gradient(input, target, 1)
+
+    def _gradient(self, input: Tensor, target: Tensor, micro_batches: int) -> Tensor:
+        """G of the (accumulated) batch into p.grad; returns its mean loss as a grad-requiring stand-in."""
         device = input.device.type
         enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
@@ -129,10 +161,12 @@ class _HookedStep:
             with torch.autocast(device, dtype=dtype, enabled=enabled):  # the autocast train.py trains under
                 return self.criterion(self.module(x), y)
 
+        split = {"micro_batches": micro_batches} if micro_batches > 1 else {}
         self.computing = True
         try:
             with torch.autocast(device, enabled=False):  # backward passes outside autocast, as torch advises
-                params, grads, loss = self.optimizer.sam_gradient(closure, targets=target, scaler=self.scaler)
+                params, grads, loss = self.optimizer.sam_gradient(closure, targets=target, scaler=self.scaler,
+                                                                  **split)
         finally:
             self.computing = False
         for p, g in zip(params, grads):
@@ -163,15 +197,17 @@ class _HookedStep:
 def _sam_epoch(optimizer: SAMFamily, arguments: dict[str, Any]) -> Iterator[_HookedStep]:
     """Route the epoch's loss computation and optimizer.step() through the engine, undone afterwards."""
     scaler = _grad_scaler(arguments.get("loss_scaler"))
+    accum = {"accum_steps": max(1, getattr(arguments["args"], "grad_accum_steps", 1)),
+             "num_batches": len(arguments["loader"])}
     task = arguments.get("task")
     with contextlib.ExitStack() as stack:
         if task is not None:  # timm >= 1.0.23: loss = task(input, target)['loss']
             module = task.get_trainable_module() if hasattr(task, "get_trainable_module") else task.model  # 1.0.2[3-6]
-            step = _HookedStep(optimizer, _unwrap(module), per_sample_criterion(task.criterion), scaler)
+            step = _HookedStep(optimizer, _unwrap(module), per_sample_criterion(task.criterion), scaler, **accum)
             stack.enter_context(_patched(task, "forward", lambda input, target: {"loss": step.loss(input, target)}))
         else:  # timm <= 1.0.22: loss = loss_fn(model(input), target); train.py's model call hands its input on
             model = arguments["model"]
-            step = _HookedStep(optimizer, _unwrap(model), per_sample_criterion(arguments["loss_fn"]), scaler)
+            step = _HookedStep(optimizer, _unwrap(model), per_sample_criterion(arguments["loss_fn"]), scaler, **accum)
             forward = model.forward
             stack.enter_context(_patched(model, "forward", lambda *a, **kw: forward(*a, **kw) if step.computing
                                          else a[0]))
@@ -180,6 +216,10 @@ def _sam_epoch(optimizer: SAMFamily, arguments: dict[str, Any]) -> Iterator[_Hoo
         stack.enter_context(_patched(optimizer, "step", step.step))
         yield step
         step.settle()
+        if step.buffer:
+            raise RuntimeError(f"ltsam.timm: the epoch ended with {len(step.buffer)} micro-batch(es) that train.py "
+                               f"never stepped: its loader yielded {step.seen} batches, not len(loader) = "
+                               f"{step.num_batches}")
 
 
 def _refuse_inexact(optimizer: SAMFamily, arguments: dict[str, Any]) -> None:
@@ -187,8 +227,6 @@ def _refuse_inexact(optimizer: SAMFamily, arguments: dict[str, Any]) -> None:
     args = arguments["args"]
     name = type(optimizer).__name__
     problems = []
-    if getattr(args, "grad_accum_steps", 1) > 1:
-        problems.append("--grad-accum-steps > 1 (optimizer.step() would see only the last micro-batch)")
     if arguments.get("naflex_mode"):
         problems.append("--naflex-loader (variable-resolution batches and loss scaling)")
     if arguments.get("scheduled_batch_mode"):

@@ -30,11 +30,18 @@ def read_list_file(
     The label is the last whitespace-separated field, so paths may contain spaces; blank lines are skipped.
     Labels must lie in ``[0, num_classes)`` (``num_classes`` None: any label >= 0).
     """
+    return read_list(list_file, root, num_classes)[0]
+
+
+def read_list(
+    list_file: str | os.PathLike, root: str | os.PathLike, num_classes: int | None = None
+) -> tuple[Samples, list[str]]:
+    """:func:`read_list_file` plus each sample's origin ``'list_file:line'``, for errors about its image."""
     list_file = Path(list_file)
     if not list_file.is_file():
         raise FileNotFoundError(f"list file '{list_file}' not found")
     root = Path(root).resolve()
-    samples = []
+    samples, origins = [], []
     for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -48,7 +55,8 @@ def read_list_file(
                 f"{list_file}, line {lineno}: label {fields[1]} outside [0, {num_classes or 'inf'})"
             )
         samples.append((str(root / fields[0]), int(fields[1])))
-    return samples
+        origins.append(f"{list_file}, line {lineno}")
+    return samples, origins
 
 
 def read_inat_json(json_file: str | os.PathLike, root: str | os.PathLike) -> tuple[Samples, int | None]:
@@ -98,7 +106,8 @@ class ImageListDataset(Dataset):
     ``class_counts`` are the TRAINING split's counts (computed from ``samples`` unless given, i.e. pass the
     training counts when building a val/test split). A file that does not decode raises an error naming it;
     with ``skip_broken=True`` (large crawled sets) the next readable sample is returned instead and a warning
-    counts the broken files seen so far.
+    counts the broken files seen so far. ``origins`` (one per sample, e.g. ``'train.txt, line 12'``) name
+    where a sample was listed, so an error about its image says which line to fix.
     """
 
     def __init__(
@@ -111,6 +120,7 @@ class ImageListDataset(Dataset):
         allow_empty: bool = False,
         skip_broken: bool = False,
         source: str = "image list",
+        origins: Sequence[str] | None = None,
     ) -> None:
         labels = [y for _, y in samples]
         if class_counts is None:
@@ -123,6 +133,7 @@ class ImageListDataset(Dataset):
         self.num_classes = num_classes
         self.classes = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
         self.transform = transform
+        self.origins = list(origins) if origins is not None else None
         self.skip_broken = skip_broken
         self.broken: set[str] = set()
 
@@ -131,13 +142,15 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+            position = (index + attempt) % len(self.samples)
+            path, label = self.samples[position]
             try:
                 img = default_loader(path)
             except Exception as err:
                 if not self.skip_broken:
+                    where = f"listed in {self.origins[position]}" if self.origins else f"sample {position}"
                     raise OSError(
-                        f"image '{path}' (sample {index}, label {label}) does not decode: {err}"
+                        f"image '{path}' ({where}, label {label}) does not decode: {err}"
                     ) from err
                 self.broken.add(path)
                 warnings.warn(
@@ -177,8 +190,8 @@ def imagenet_lt(
         kwargs.pop("allow_empty", False),
     )
     split_list = list_dir / f"ImageNet_LT_{split}.txt"
-    samples = read_list_file(split_list, root, num_classes)
-    return ImageListDataset(samples, class_counts=counts, source=str(split_list), **kwargs)
+    samples, origins = read_list(split_list, root, num_classes)
+    return ImageListDataset(samples, class_counts=counts, source=str(split_list), origins=origins, **kwargs)
 
 
 def inat2018(
@@ -230,7 +243,9 @@ def image_list(
     **kwargs,
 ) -> ImageListDataset:
     """Any ``path label`` list over ``root``; ``train_list`` (default ``list_file``) gives the counts."""
-    train_samples = read_list_file(train_list or list_file, root, num_classes)
+    train_samples, origins = read_list(train_list or list_file, root, num_classes)
     counts = _train_counts(train_samples, num_classes, str(train_list or list_file), allow_empty)
-    samples = read_list_file(list_file, root, len(counts)) if train_list is not None else train_samples
-    return ImageListDataset(samples, class_counts=counts, source=str(list_file), **kwargs)
+    samples = train_samples
+    if train_list is not None:
+        samples, origins = read_list(list_file, root, len(counts))
+    return ImageListDataset(samples, class_counts=counts, source=str(list_file), origins=origins, **kwargs)

@@ -11,6 +11,7 @@ import ast
 from pathlib import Path
 
 import yaml
+from launch.scale import default_lr_scale, scale_lr
 from ltsam_common import yamlio
 from ltsam_common.names import LOSSES, SAM_METHODS
 from ltsam_common.names import SAMPLERS as DATA_SAMPLERS
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="digits-lt (embedded), mnist-lt, cifar10-lt, cifar100-lt, imagenet-lt, inat2018, "
                             "folder, list; or shards written by `ltsam shards write` in --data-dir: 'shards' "
                             "streams them (--sampler re-balances in the stream), 'shards-wids' reads by index")
+    group.add_argument("--train-list", default=None,
+                       help="--dataset list: training list file, 'relative/path label' lines (paths relative to "
+                            "--data-dir, default this file's folder); it gives the class counts")
+    group.add_argument("--val-list", default=None, help="--dataset list: evaluation list file, same format")
     group.add_argument("--train-split", default="train")
     group.add_argument("--val-split", default="test", help="split evaluated each --eval-interval epochs")
     group.add_argument("--imb-factor", type=float, default=None,
@@ -83,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--std", type=float, nargs="+", default=None)
     group.add_argument("--drop", type=float, default=None, help="dropout rate before the classifier")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
-    group.add_argument("-b", "--batch-size", type=int, default=None, help="per-process batch size")
+    group.add_argument("-b", "--batch-size", type=int, default=None,
+                       help="per-process batch size (of one micro-batch with --grad-accum-steps)")
+    group.add_argument("--grad-accum-steps", type=int, default=1,
+                       help="optimizer step every N loader batches: the update of one batch N x --batch-size")
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None)
 
     group = parser.add_argument_group("Optimizer")
@@ -145,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--model-ema-decay", type=float, default=0.9998)
     group.add_argument("--model-ema-warmup", action="store_true")
     group.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    group.add_argument("--sync-bn", action="store_true",
+                       help="BatchNorm over the global batch (SyncBatchNorm; GPUs only) instead of each process's")
     group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
                        help="how BatchNorm buffers are made equal across ranks at the end of each epoch")
     group.add_argument("--deepspeed-config", default=None,
@@ -210,6 +220,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--stop-epoch must lie in [1, --epochs={args.epochs}], got {args.stop_epoch}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.grad_accum_steps < 1:
+        parser.error(f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}")
     if args.eval_interval < 1:
         parser.error(f"--eval-interval must be >= 1, got {args.eval_interval}")
     if args.resume and args.overwrite:
@@ -219,13 +231,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def resolve_lr(args: argparse.Namespace, world_size: int) -> None:
-    """timm's rule: without --lr, lr = lr_base * global batch / lr_base_size (sqrt-scaled for ada/lamb)."""
+    """timm's rule: without --lr, lr = lr_base * global batch / lr_base_size (sqrt-scaled for ada/lamb); the
+    launcher's scale rule (launch/scale.py) is the same function."""
     if args.lr is not None:
         return
-    global_batch = args.batch_size * world_size
-    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
-    ratio = global_batch / args.lr_base_size
-    args.lr = args.lr_base * (ratio**0.5 if scale == "sqrt" else ratio)
+    global_batch = args.batch_size * world_size * args.grad_accum_steps
+    args.lr = scale_lr(args.lr_base, global_batch, args.lr_base_size,
+                       args.lr_base_scale or default_lr_scale(args.opt))
 
 
 def experiment_name(args: argparse.Namespace) -> str:

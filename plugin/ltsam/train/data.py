@@ -32,14 +32,31 @@ def create_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
     """Train and evaluation splits without transforms (set later, once the model's data config is known)."""
     if args.dataset in SHARD_DATASETS:
         return shard_datasets(args)
+    train_kw, val_kw = list_files(args)
     common = dict(root=args.data_dir, imb_factor=args.imb_factor, n_max=args.n_max)
     try:
-        train = create_lt_dataset(args.dataset, split=args.train_split, **common)
+        train = create_lt_dataset(args.dataset, split=args.train_split, **common, **train_kw)
         # the same profile, so the (balanced) evaluation set carries the training counts for Many/Medium/Few
-        val = create_lt_dataset(args.dataset, split=args.val_split, **common)
+        val = create_lt_dataset(args.dataset, split=args.val_split, **common, **val_kw)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"ltsam train: data set '{args.dataset}': {err}") from err
     return train, val
+
+
+def list_files(args: argparse.Namespace) -> tuple[dict, dict]:
+    """``--dataset list``: the list files of each split (``path label`` lines, class counts from the training
+    list); image paths are relative to ``--data-dir``, by default the training list's folder."""
+    given = [flag for flag, value in (("--train-list", args.train_list), ("--val-list", args.val_list)) if value]
+    if args.dataset != "list":
+        if given:
+            raise SystemExit(f"ltsam train: {given[0]} applies to --dataset list, not --dataset {args.dataset}")
+        return {}, {}
+    if len(given) < 2:
+        raise SystemExit("ltsam train: --dataset list needs --train-list and --val-list, files of "
+                         "'relative/path label' lines (paths relative to --data-dir)")
+    if args.data_dir is None:
+        args.data_dir = str(Path(args.train_list).parent)
+    return {"list_file": args.train_list}, {"list_file": args.val_list, "train_list": args.train_list}
 
 
 def shard_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:

@@ -63,6 +63,19 @@ def restarted() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``--sync-bn``: BatchNorm statistics over the global batch (torch's SyncBatchNorm) instead of each rank's.
+
+    One process needs nothing (its batch is the global batch). torch's SyncBatchNorm runs on CUDA (and XPU/HPU)
+    only: on CPU it would fail at the first training forward, so it is refused here, before anything trains."""
+    if not is_distributed():
+        return model
+    if device.type == "cpu":
+        raise SystemExit("ltsam train: --sync-bn: torch's SyncBatchNorm does not run on CPU (gloo); train on GPUs "
+                         "or drop --sync-bn (each rank then normalises over its own batch)")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def broadcast_module(module: nn.Module) -> None:
     """Copy rank 0's parameters and buffers to every rank (what DDP's constructor does)."""
     if not is_distributed():

@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +49,20 @@ class StepContext:
     clip_grad: float | None = None
     clip_mode: str = "norm"
     engine: object | None = None  # a DeepSpeed engine, which then owns backward, clipping and the step
+    accum_steps: int = 1  # --grad-accum-steps: loader batches (micro-batches) per update
 
     @property
     def sam(self) -> bool:
         return isinstance(self.optimizer, SAMFamily)
 
 
-def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
-    """One optimizer update on the batch; returns this rank's mean loss (detached)."""
+def train_step(ctx: StepContext, x: Tensor, y: Tensor, micro_batches: int = 1) -> Tensor:
+    """One optimizer update on the batch; returns this rank's mean loss (detached).
+
+    With ``micro_batches`` N > 1 the batch is N micro-batches, the contiguous chunks ``tensor_split`` gives (the
+    loader's batches, concatenated), each forwarded on its own: plain optimizers accumulate the batch-mean
+    gradient chunk by chunk (a chunk's mean loss weighted by its share, timm's loss / N for equal chunks); the
+    SAM family gets the whole batch and its engine splits it the same way (``micro_batches=N``)."""
     if ctx.engine is not None:
         x = x.to(next(ctx.module.parameters()).dtype)  # DeepSpeed's bf16 mode holds bf16 weights
     if ctx.sam:
@@ -68,7 +74,7 @@ def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
         if ctx.engine is not None:
             return ltsam_deepspeed.step(ctx.engine, ctx.optimizer, closure, targets=y)
         with clip_before_base_step(ctx):
-            return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler)
+            return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler, micro_batches=micro_batches)
     if ctx.engine is not None:
         loss = ctx.criterion(ctx.engine(x).float(), y).mean()
         ctx.engine.backward(loss)
@@ -76,21 +82,32 @@ def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
         return loss.detach()
 
     ctx.optimizer.zero_grad(set_to_none=True)
-    with ctx.autocast():
-        loss = ctx.criterion(ctx.model(x), y).mean()
+    chunks = list(zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches)))
+    loss = torch.zeros((), device=x.device)
+    for i, (xs, ys) in enumerate(chunks):
+        last = i + 1 == len(chunks)
+        no_sync = ctx.model.no_sync() if not last and hasattr(ctx.model, "no_sync") else nullcontext()
+        with no_sync:  # DDP all-reduces the summed gradient once, after the last micro-batch
+            with ctx.autocast():
+                part = ctx.criterion(ctx.model(xs), ys).mean() * (len(ys) / len(y))
+            (ctx.scaler.scale(part) if ctx.scaler is not None else part).backward()
+        loss += part.detach().float()
     if ctx.scaler is not None:
-        ctx.scaler.scale(loss).backward()
         if ctx.clip_grad is not None:
             ctx.scaler.unscale_(ctx.optimizer)
             dispatch_clip_grad(ctx.module.parameters(), ctx.clip_grad, mode=ctx.clip_mode)
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
     else:
-        loss.backward()
         if ctx.clip_grad is not None:
             dispatch_clip_grad(ctx.module.parameters(), ctx.clip_grad, mode=ctx.clip_mode)
         ctx.optimizer.step()
-    return loss.detach()
+    return loss
+
+
+def updates_per_epoch(batches: int, accum_steps: int) -> int:
+    """Optimizer updates in an epoch of ``batches`` loader batches (timm: a last, shorter group also steps)."""
+    return -(-batches // accum_steps)
 
 
 @contextmanager
@@ -136,9 +153,14 @@ def train_one_epoch(ctx: StepContext, loader: DataLoader, epoch: int, state, sch
     task = progress.add_task("train", total=len(loader), epoch=epoch, loss=float("nan"), rate=0.0,
                              lr=ctx.optimizer.param_groups[0]["lr"], stage=f"  stage {stage}" if stage else "")
     total, seen, start = 0.0, 0, time.perf_counter()
+    micro: list[tuple[Tensor, Tensor]] = []
     for batch_idx, (x, y) in enumerate(loader):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = all_reduce_sum(train_step(ctx, x, y).float().reshape(1).clone()) / world_size
+        micro.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+        if len(micro) < ctx.accum_steps and batch_idx + 1 < len(loader):
+            continue  # an update every --grad-accum-steps batches, and one for the epoch's last batches
+        xs, ys = (micro[0] if len(micro) == 1 else (torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])))
+        loss = all_reduce_sum(train_step(ctx, xs, ys, len(micro)).float().reshape(1).clone()) / world_size
+        micro = []
         value = float(loss)
         state.num_updates += 1
         if not math.isfinite(value):

@@ -33,7 +33,7 @@ from ltsam.train import args as cli_args
 from ltsam.train import data as train_data
 from ltsam.train import distributed as dist_utils
 from ltsam.train.checkpoint import LAST, Saver, TrainState, existing_checkpoints, load_training_state, resolve_resume
-from ltsam.train.loop import NonFiniteLoss, StepContext, evaluate, progress_bar, train_one_epoch
+from ltsam.train.loop import NonFiniteLoss, StepContext, evaluate, progress_bar, train_one_epoch, updates_per_epoch
 
 SUMMARY, RESULTS, PLOT, ARGS = "summary.csv", "results.json", "per_class.png", "args.yaml"
 
@@ -155,6 +155,9 @@ def start_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer:
     if args.resume and stage > 0 and args.world_size > 1:
         raise SystemExit(f"ltsam train: --resume with ZeRO stage {stage}: the optimizer state is partitioned over "
                          "ranks and ltsam's checkpoints hold rank 0's share only; resume with --zero-stage 0")
+    if args.grad_accum_steps > 1:
+        raise SystemExit("ltsam train: --grad-accum-steps with --deepspeed-config is not supported: the SAM-family "
+                         "step goes through DeepSpeed as one whole-batch gradient; run without DeepSpeed (torchrun)")
     if args.amp and not config.get("bf16", {}).get("enabled"):
         raise SystemExit("ltsam train: under DeepSpeed set precision in the ds_config (bf16.enabled), not --amp")
     config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1,
@@ -183,7 +186,9 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     if args.drop is not None:
         model_kwargs["drop_rate"] = args.drop
     model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-                         in_chans=args.in_chans, **model_kwargs).to(device)
+                         in_chans=args.in_chans, **model_kwargs)
+    model = dist_utils.sync_batchnorm(model, device) if args.sync_bn else model
+    model = model.to(device)
     data_config, train_set.transform, val_set.transform = train_data.build_transforms(args, model)
     train_loader, val_loader = train_data.create_loaders(args, train_set, val_set, args.rank, args.world_size,
                                                          pin_memory=device.type == "cuda")
@@ -201,7 +206,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
         if args.model_ema else None
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
-                                                updates_per_epoch=len(train_loader))
+                                                updates_per_epoch=updates_per_epoch(len(train_loader),
+                                                                                    args.grad_accum_steps))
     rho_scheduler = build_radius_scheduler(args, optimizer)
 
     state = TrainState()
@@ -217,7 +223,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     elif args.distributed and not sam:
         forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ctx = StepContext(forward_model, model, optimizer, criterion, autocast, scaler, args.clip_grad, args.clip_mode,
-                      engine)
+                      engine, args.grad_accum_steps)
     meter = LongTailAccuracy(counts, (args.many_shot, args.few_shot))
 
     if primary:
