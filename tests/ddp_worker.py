@@ -7,7 +7,7 @@ import sys
 import timm
 import torch
 import torch.distributed as dist
-from conftest import CLASS_COUNTS, batches, conv_gn_net
+from conftest import CLASS_COUNTS, batches, conv_bn_net, conv_gn_net
 from test_optim_exact import closure_for
 
 import ltsam  # noqa: F401
@@ -50,6 +50,18 @@ METHODS = {
     "focalsam": dict(rho=0.2, class_counts=CLASS_COUNTS),
 }
 
+def subset_forward_with_syncbn() -> str:
+    """The refusal of subset_forward=True with SyncBatchNorm (ranks would run different forwards)."""
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(conv_bn_net())
+    opt = timm.optim.create_optimizer_v2(model, opt="sam", subset_forward=True).attach(model)
+    x, y = batches(1)[0]
+    try:
+        opt.step(closure_for(model, x, y), targets=y)
+    except ValueError as err:
+        return str(err)
+    return "not refused"
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     out = {}
@@ -60,6 +72,7 @@ if __name__ == "__main__":
                   tail_in_first_half=True)
     out["ssesam micro_batches=2, tail on rank 0 only"] = [p.detach() for p in model.parameters()]
     out["syncbn"] = syncbn_replay(dist.get_rank())
+    out["subset with syncbn"] = subset_forward_with_syncbn()
     if dist.get_rank() == 0:
         torch.save(out, sys.argv[1])
     dist.destroy_process_group()

@@ -30,6 +30,7 @@ def test_two_processes_equal_one(tmp_path):
     for name, single in runs:
         for a, b in zip(single.parameters(), distributed[name]):
             assert torch.allclose(a.detach(), b, atol=1e-6), f"{name}: {(a - b).abs().max()}"
+    assert "subset_forward=True with SyncBatchNorm" in distributed["subset with syncbn"]
     # SyncBatchNorm on 4 + 7 samples replayed twice = two BatchNorm forwards of all 11
     torch.manual_seed(0)
     x = torch.randn(11, 4, 3, 3) * 3 + 1

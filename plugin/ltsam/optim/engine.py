@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import SyncBatchNorm
 
 from ltsam.optim.batchnorm import (
     BatchPolicy,
@@ -359,6 +360,11 @@ class SAMFamily(torch.optim.Optimizer):
         policy = batch_policy(self._model)
         self._policy_log(policy, self.subset_forward)
         coupled = policy.coupled if self.subset_forward is None else not self.subset_forward
+        if not coupled and is_distributed() and any(isinstance(m, SyncBatchNorm) for m in policy.replayable):
+            raise ValueError(
+                "subset_forward=True with SyncBatchNorm under torch.distributed: ranks would run different "
+                "forwards and SyncBatchNorm's all-gather would hang; leave subset_forward unset"
+            )
         scale = None  # the loss scale stays a device tensor: no host sync
         if scaler is not None and scaler.is_enabled():  # scale() also initialises a fresh scaler
             scale = scaler.scale(torch.ones((), device=params[0].device))
