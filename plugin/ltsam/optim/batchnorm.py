@@ -81,6 +81,7 @@ class BatchPolicy:
 
 
 def batch_policy(model: nn.Module) -> BatchPolicy:
+    """The model's batch coupling now (training mode can change between steps, so the engine asks each step)."""
     policy = BatchPolicy()
     for name, module in model.named_modules():
         if is_batch_coupled(module):
