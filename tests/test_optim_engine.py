@@ -4,6 +4,8 @@ param_groups (scheduled by timm), micro-batches, fp16 overflow, davda54's BN byp
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import official
 import pytest
@@ -379,3 +381,20 @@ def test_add_param_group_parameters_are_updated():
         opt_whole.step(closure_for(whole, x, y), targets=y)
     for pa, pb in zip(late.parameters(), whole.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6, rtol=0)
+
+
+# -- host syncs ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("net", ["bn", "gn"])
+@pytest.mark.parametrize("name,epoch", CASES)
+def test_one_host_sync_per_step_at_most_and_none_for_sam(name, epoch, net):
+    """Counted as tools/bench_step.py counts them on CPU (Python-level reads that synchronise on a GPU)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench_step import host_syncs
+
+    torch.manual_seed(0)
+    model = NETS[net]()
+    opt = make(name, model, epoch)
+    (x0, y0), (x, y) = batches(2)
+    opt.step(closure_for(model, x0, y0), targets=y0)
+    assert host_syncs(lambda: opt.step(closure_for(model, x, y), targets=y, micro_batches=2), "cpu") == (
+        0 if name == "sam" else 1)

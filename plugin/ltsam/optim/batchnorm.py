@@ -13,7 +13,7 @@ Their running buffers are *replayable*: the engine records the batch statistics 
 re-applies them where the official schedule ran a forward the engine skips. Any other module in training
 mode that holds ``running_mean`` / ``running_var`` buffers (a custom BatchNorm) is treated as coupled, so
 every pass forwards the whole (micro-)batch and gradients stay exact, but its buffers are not replayed; the
-engine says so in its log. Known per-sample layers (frozen BatchNorm) are not coupled.
+engine says so in its log. Frozen BatchNorm (timm's, torchvision's: ``Frozen`` in the class name) is per-sample.
 
 SyncBatchNorm under torch.distributed normalises with the statistics of all ranks; the replay combines the
 recorded per-rank statistics the same way (one all-reduce over every SyncBatchNorm layer), so the running
@@ -27,18 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from timm.layers import EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 
 _logger = logging.getLogger("ltsam.optim")
-
-try:  # timm is a dependency, but keep the policy importable if its layout moves
-    from timm.layers import EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2, FrozenBatchNormAct2d
-    from timm.layers import FrozenBatchNorm2d as TimmFrozenBatchNorm2d
-    _EVONORM_B: tuple[type, ...] = (EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2)
-    _PER_SAMPLE: tuple[type, ...] = (TimmFrozenBatchNorm2d, FrozenBatchNormAct2d)
-except ImportError:  # pragma: no cover
-    _EVONORM_B, _PER_SAMPLE = (), ()
+_EVONORM_B = (EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2)
 
 
 def _evonorm_uses_batch(module: nn.Module) -> bool:
@@ -87,13 +81,14 @@ class BatchPolicy:
 
 
 def batch_policy(model: nn.Module) -> BatchPolicy:
+    """The model's batch coupling now (training mode can change between steps, so the engine asks each step)."""
     policy = BatchPolicy()
     for name, module in model.named_modules():
         if is_batch_coupled(module):
             tracks = getattr(module, "running_var", None) is not None and module.training
             (policy.replayable if tracks else policy.coupled_other).append(module)
-        elif (module.training and _has_running_stats(module) and not isinstance(module, _PER_SAMPLE)
-              and not isinstance(module, (_BatchNorm, *_EVONORM_B)) and "Frozen" not in type(module).__name__):
+        elif (module.training and _has_running_stats(module) and not isinstance(module, (_BatchNorm, *_EVONORM_B))
+              and "Frozen" not in type(module).__name__):  # timm's / torchvision's frozen BN: per-sample
             policy.coupled_other.append(module)
             policy.unknown.append(f"{name} ({type(module).__name__})")
     return policy

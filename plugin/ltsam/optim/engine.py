@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import SyncBatchNorm
 
 from ltsam.optim.batchnorm import (
     BatchPolicy,
@@ -359,6 +360,11 @@ class SAMFamily(torch.optim.Optimizer):
         policy = batch_policy(self._model)
         self._policy_log(policy, self.subset_forward)
         coupled = policy.coupled if self.subset_forward is None else not self.subset_forward
+        if not coupled and is_distributed() and any(isinstance(m, SyncBatchNorm) for m in policy.replayable):
+            raise ValueError(
+                "subset_forward=True with SyncBatchNorm under torch.distributed: ranks would run different "
+                "forwards and SyncBatchNorm's all-gather would hang; leave subset_forward unset"
+            )
         scale = None  # the loss scale stays a device tensor: no host sync
         if scaler is not None and scaler.is_enabled():  # scale() also initialises a fresh scaler
             scale = scaler.scale(torch.ones((), device=params[0].device))
@@ -398,7 +404,7 @@ class SAMFamily(torch.optim.Optimizer):
             raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {batch_size}")
         self._checks = []
         groups = self.groups(targets, batch_size, device)
-        chunks = [(int(c[0]), int(c[-1]) + 1) for c in torch.arange(batch_size).tensor_split(micro_batches)]
+        chunks = _chunk_bounds(batch_size, micro_batches)
         terms = [g.perturbed for g in groups] + [g.unperturbed for g in groups]
         support = _Support(terms, chunks, device, self._checks)
         self._checks = []
@@ -462,7 +468,8 @@ class SAMFamily(torch.optim.Optimizer):
                 first = None
                 self._vjps(losses, p, params, scale, acc)
                 loss_sum, seen = loss_sum + losses.detach().float().sum(), seen + p.size
-        directions = [acc.pop(g.direction) for _, g in plan.groups if g is not None]
+        # a direction whose samples all sit on other ranks (split passes) is 0 here before the all-reduce
+        directions = [acc.pop(g.direction, None) or _zeros(params) for _, g in plan.groups if g is not None]
         self._sync(*directions)
         backup = [p.detach().clone() for p in params] if directions else []
         frozen = policy.replayable if self.bn_mode == "freeze" else []
@@ -475,7 +482,7 @@ class SAMFamily(torch.optim.Optimizer):
                 for p in group.passes:
                     self._vjps(self._forward(closure, p.index, p.size, p.chunk), p, params, scale, acc)
             torch._foreach_copy_(params, backup)
-        total = acc.pop("G", None) or [torch.zeros_like(p) for p in params]
+        total = acc.pop("G", None) or _zeros(params)
         self._sync(total)
         return total, loss_sum / max(seen, 1)
 
@@ -618,6 +625,17 @@ class _Support:
         # the selected samples in order, found on the device without a sync (count is known on the host)
         selected = (self.device_code[start:end] & bits) != 0
         return start + torch.argsort(selected.logical_not().to(torch.uint8), stable=True)[:count], count
+
+
+def _zeros(params: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(p) for p in params]
+
+
+def _chunk_bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of each of ``torch.arange(size).tensor_split(parts)``, computed on the host."""
+    small, extra = divmod(size, parts)
+    ends = [(i + 1) * small + min(i + 1, extra) for i in range(parts)]
+    return list(zip([0] + ends[:-1], ends))
 
 
 def _check_radius(name: str, value: float) -> None:
