@@ -1,4 +1,5 @@
-"""Two gloo processes with half batches each give the same update as one process with the whole batch."""
+"""Two gloo processes with half batches each give the same update as one process with the whole batch (also
+with micro-batches), and SyncBatchNorm's replay uses the statistics of both."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 from ddp_worker import METHODS, train
+from torch import nn
 
 HERE = Path(__file__).parent
 
@@ -24,5 +26,18 @@ def test_two_processes_equal_one(tmp_path):
     distributed = torch.load(out, weights_only=True)
     for name, kwargs in METHODS.items():
         single = [p.detach() for p in train(name, kwargs).parameters()]
-        for a, b in zip(single, distributed[name]):
-            assert torch.allclose(a, b, atol=1e-6), f"{name}: {(a - b).abs().max()}"
+        runs = {name: distributed[name]}
+        if name == "ssesam":
+            runs["ssesam micro_batches=2"] = distributed["ssesam micro_batches=2"]
+        for run, params in runs.items():
+            for a, b in zip(single, params):
+                assert torch.allclose(a, b, atol=1e-6), f"{run}: {(a - b).abs().max()}"
+    # SyncBatchNorm on 4 + 7 samples replayed twice = two BatchNorm forwards of all 11
+    torch.manual_seed(0)
+    x = torch.randn(11, 4, 3, 3) * 3 + 1
+    for state, momentum in zip(distributed["syncbn"], (None, 0.1)):
+        single = nn.BatchNorm2d(4, momentum=momentum)
+        single(x)
+        single(x)
+        for key, value in single.state_dict().items():
+            assert torch.allclose(value.float(), state[key].float(), atol=1e-6), key
