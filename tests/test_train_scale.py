@@ -37,6 +37,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("opt, extra", [
     ("momentum", ["--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5", "--sched-on-updates",
                   "--warmup-epochs", "1", "--warmup-lr", "0.001"]),
+    ("ssesam", ["--eta", "20", "--opt-kwargs", "gamma=0.5", "base=momentum"]),  # stage 1, then stage 2
+    ("focalsam", ["--opt-kwargs", "base=momentum"]),
 ])
 def test_accumulation_equals_the_whole_batch(tmp_path, opt, extra):
     """2 x 16 with --grad-accum-steps 2 ends with the weights, momentum and update count of batch 32; the
