@@ -137,3 +137,21 @@ def test_sync_bn_on_two_gloo_ranks_is_refused_before_training(tmp_path):
     refusal = "--sync-bn: torch's SyncBatchNorm does not run on CPU (gloo)"
     assert result.stderr.count(refusal) == 2, result.stderr[-3000:]
     assert not list(tmp_path.rglob("*.pth.tar"))
+
+
+def test_accumulation_under_ddp_equals_the_whole_batch(tmp_path):
+    """2 gloo ranks, plain SGD through DDP (all-reduce skipped with no_sync until the last micro-batch): both
+    ranks end with the weights of the whole per-rank batch; a missed all-reduce would leave them apart."""
+    def torchrun(experiment: str, *flags: str) -> dict:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "ltsam.train", *VIT, "--epochs", "1", "--eval-interval", "1", "--output", str(tmp_path),
+               "--experiment", experiment, *flags]
+        done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(tmp_path / experiment / "last.pth.tar", map_location="cpu", weights_only=True)
+
+    whole = torchrun("whole", "-b", "16")
+    accumulated = torchrun("accum", "-b", "8", "--grad-accum-steps", "2")
+    assert whole["num_updates"] == 6
+    assert_same_weights(whole, accumulated)
