@@ -73,9 +73,7 @@ def train_step(ctx: StepContext, x: Tensor, y: Tensor, micro_batches: int = 1) -
 
         if ctx.engine is not None:
             return ltsam_deepspeed.step(ctx.engine, ctx.optimizer, closure, targets=y)
-        if micro_batches > 1:
-            return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler, micro_batches=micro_batches)
-        return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler)
+        return ctx.optimizer.step(closure, targets=y, scaler=ctx.scaler, micro_batches=micro_batches)
     if ctx.engine is not None:
         loss = ctx.criterion(ctx.engine(x).float(), y).mean()
         ctx.engine.backward(loss)
