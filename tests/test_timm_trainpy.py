@@ -246,3 +246,13 @@ def test_train_py_trains_with_ssesam_and_resumes(tmp_path):
     assert "ltsam.timm: epoch 1: 3 SSESAM steps" in resumed and "epoch 0:" not in resumed
     assert torch.load(tmp_path / "out" / "resumed" / "last.pth.tar", weights_only=False)["optimizer"]["ltsam"][
         "epoch"] == 2
+
+
+@needs_train_py
+def test_train_py_accumulates_ssesam_steps(tmp_path):
+    """`python train.py --grad-accum-steps 2`: 3 batches of 8 an epoch make 2 SSE-SAM steps (2 + 1 batches)."""
+    counts = [12, 6, 3, 3]
+    _image_folder(tmp_path / "data", counts)
+    ltsam.counts.save_class_counts(counts, tmp_path / "counts.json")
+    output = _train_py(tmp_path, "--epochs", "1", "--experiment", "accum", "--grad-accum-steps", "2")
+    assert "ltsam.timm: epoch 0: 2 SSESAM steps" in output

@@ -37,13 +37,17 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("opt, extra", [
     ("momentum", ["--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5", "--sched-on-updates",
                   "--warmup-epochs", "1", "--warmup-lr", "0.001"]),
+    ("sam", ["--opt-kwargs", "rho=0.05", "base=momentum", "--epochs", "1", "--eval-interval", "1"]),
+    ("imbsam", ["--eta", "20", "--opt-kwargs", "base=momentum", "--epochs", "1", "--eval-interval", "1"]),
+    ("ssesam", ["--eta", "20", "--opt-kwargs", "gamma=0.5", "base=momentum"]),  # stage 1, then stage 2
+    ("focalsam", ["--opt-kwargs", "base=momentum", "--epochs", "1", "--eval-interval", "1"]),
 ])
 def test_accumulation_equals_the_whole_batch(tmp_path, opt, extra):
     """2 x 16 with --grad-accum-steps 2 ends with the weights, momentum and update count of batch 32; the
     per-update schedule (warm-up, steps) counts optimizer updates, not loader batches, as timm's does."""
     whole = run(tmp_path, "whole", "--opt", opt, "-b", "32", *extra)
     accumulated = run(tmp_path, "accum", "--opt", opt, "-b", "16", "--grad-accum-steps", "2", *extra)
-    assert whole["num_updates"] == 12
+    assert whole["num_updates"] == 6 * (1 if "--epochs" in extra else 2)
     assert_same_weights(whole, accumulated)
     for key, state in whole["optimizer"]["state"].items():
         torch.testing.assert_close(accumulated["optimizer"]["state"][key]["momentum_buffer"],
@@ -133,3 +137,21 @@ def test_sync_bn_on_two_gloo_ranks_is_refused_before_training(tmp_path):
     refusal = "--sync-bn: torch's SyncBatchNorm does not run on CPU (gloo)"
     assert result.stderr.count(refusal) == 2, result.stderr[-3000:]
     assert not list(tmp_path.rglob("*.pth.tar"))
+
+
+def test_accumulation_under_ddp_equals_the_whole_batch(tmp_path):
+    """2 gloo ranks, plain SGD through DDP (all-reduce skipped with no_sync until the last micro-batch): both
+    ranks end with the weights of the whole per-rank batch; a missed all-reduce would leave them apart."""
+    def torchrun(experiment: str, *flags: str) -> dict:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "ltsam.train", *VIT, "--epochs", "1", "--eval-interval", "1", "--output", str(tmp_path),
+               "--experiment", experiment, *flags]
+        done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(tmp_path / experiment / "last.pth.tar", map_location="cpu", weights_only=True)
+
+    whole = torchrun("whole", "-b", "16")
+    accumulated = torchrun("accum", "-b", "8", "--grad-accum-steps", "2")
+    assert whole["num_updates"] == 6
+    assert_same_weights(whole, accumulated)

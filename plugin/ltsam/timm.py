@@ -161,12 +161,11 @@ class _HookedStep:
             with torch.autocast(device, dtype=dtype, enabled=enabled):  # the autocast train.py trains under
                 return self.criterion(self.module(x), y)
 
-        split = {"micro_batches": micro_batches} if micro_batches > 1 else {}
         self.computing = True
         try:
             with torch.autocast(device, enabled=False):  # backward passes outside autocast, as torch advises
                 params, grads, loss = self.optimizer.sam_gradient(closure, targets=target, scaler=self.scaler,
-                                                                  **split)
+                                                                  micro_batches=micro_batches)
         finally:
             self.computing = False
         for p, g in zip(params, grads):
