@@ -135,19 +135,12 @@ def load_training_state(point: ResumePoint, model: nn.Module, optimizer, schedul
                         saver: Saver | None, rank: int, engine=None) -> TrainState:
     """Restore every piece ``Saver`` wrote; returns the epoch (and update inside it) to start from.
 
-    Under DeepSpeed, the engine loads its own tag (weights and partitioned optimizer state); a checkpoint from
-    the other kind of run is refused with the way to resume it. Overridden schedule keys rebuild the lr at the
-    current epoch of the new schedule instead of restoring the old scheduler.
+    Under DeepSpeed, the engine loads its own tag (weights and partitioned optimizer state). Overridden
+    schedule keys rebuild the lr at the current epoch of the new schedule instead of restoring the old one.
     """
     ckpt, path = point.data, point.path
-    written_by = ckpt.get("deepspeed")
-    if engine is not None and written_by is None:
-        raise SystemExit(f"ltsam train: '{path}' was written without DeepSpeed: its optimizer state is a plain "
-                         "PyTorch one that a DeepSpeed engine cannot take; resume it without --deepspeed-config")
-    if engine is None and written_by is not None:
-        raise SystemExit(f"ltsam train: '{path}' was written by DeepSpeed (ZeRO stage {written_by['zero_stage']}): "
-                         f"its optimizer state is in DeepSpeed's files ('{written_by['dir']}/{written_by['tag']}'); "
-                         f"resume it with --deepspeed-config and --zero-stage {written_by['zero_stage']}")
+    written_by = ckpt.get("deepspeed")  # resume.check_config made sure it matches ``engine``
+    fresh_groups = [dict(g) for g in optimizer.param_groups]
     if engine is not None:
         stage = int(engine.zero_optimization_stage())
         if stage != written_by["zero_stage"]:
@@ -160,11 +153,14 @@ def load_training_state(point: ResumePoint, model: nn.Module, optimizer, schedul
                              f"{written_by['tag']}' named by '{path}'; resume from another checkpoint")
         if isinstance(optimizer, SAMFamily):
             optimizer.load_method_state(ckpt["optimizer"].get("ltsam", {}))
+            # DeepSpeed loaded the base optimizer, which made new param groups: the wrapper (and through it
+            # timm's scheduler) must set the lr on those, as SAMFamily.load_state_dict does itself
+            optimizer.param_groups, optimizer.state = optimizer.base_optimizer.param_groups, \
+                optimizer.base_optimizer.state
     else:
-        fresh_groups = [dict(g) for g in optimizer.param_groups]
         unwrap_model(model).load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        restore_overridden_groups(optimizer, fresh_groups, point.overridden)
+    restore_overridden_groups(optimizer, fresh_groups, point.overridden)
     if scaler is not None and "amp_scaler" in ckpt:
         scaler.load_state_dict(ckpt["amp_scaler"])
     if model_ema is not None:

@@ -55,17 +55,18 @@ def read_checkpoint(path: Path) -> dict:
     """The checkpoint's dict, or ``UnreadableCheckpoint`` saying what is wrong with the file."""
     if path.stat().st_size == 0:
         raise UnreadableCheckpoint("is empty (0 bytes: its write was cut short)")
+    with path.open("rb") as file:
+        zipped = file.read(4) == b"PK\x03\x04"  # torch.save's format: a zip archive
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # torch's text here would suggest an unsafe load: never pass it on
-        what = "pickled Python objects beyond tensors and numbers" if "Unsupported global" in str(err) else \
-            "damaged pickle data"
-        raise UnreadableCheckpoint(f"holds {what}, so it is not an ltsam training checkpoint") from None
-    except RuntimeError as err:
-        if "zip archive" in str(err) or "PytorchStreamReader" in str(err):
+        if "Unsupported global" in str(err):
+            raise UnreadableCheckpoint("holds pickled Python objects beyond tensors and numbers, so it is not an "
+                                       "ltsam training checkpoint") from None
+        raise UnreadableCheckpoint("is not a PyTorch checkpoint (unrecognised bytes)") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, IndexError):
+        if zipped:
             raise UnreadableCheckpoint("is truncated or damaged (its zip archive is incomplete)") from None
-        raise UnreadableCheckpoint(f"cannot be read by torch.load ({str(err).splitlines()[0][:120]})") from None
-    except (EOFError, KeyError, ValueError, IndexError, OSError):
         raise UnreadableCheckpoint("is not a PyTorch checkpoint (unrecognised bytes)") from None
     if not isinstance(data, dict) or any(k not in data for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(data, dict) or k not in data]
@@ -125,6 +126,7 @@ def training_config(args: dict) -> dict:
 def check_config(point: ResumePoint, args: argparse.Namespace) -> None:
     """Refuse a resume whose training configuration differs, naming each key and both values, unless
     ``--resume-override`` lists the key; allowed differences are recorded in ``point.overridden``."""
+    check_backend(point, args)
     saved, now = training_config(point.data.get("args") or {}), training_config(vars(args))
     allowed = {k.replace("-", "_") for k in args.resume_override or []}
     unknown = sorted(allowed - now.keys())
@@ -141,6 +143,21 @@ def check_config(point: ResumePoint, args: argparse.Namespace) -> None:
                          "resuming would mix two runs. Resume with the checkpoint's values, start a new run "
                          f"(--experiment), or allow the change with --resume-override {' '.join(refused)}")
     point.overridden = {k: v for k, v in differ.items() if k in allowed}
+
+
+def check_backend(point: ResumePoint, args: argparse.Namespace) -> None:
+    """DeepSpeed keeps the optimizer state in its own partitioned files, a plain run in ltsam's file: neither
+    can take the other's, so a move between them is refused (before DeepSpeed starts) with the way to resume."""
+    written_by = point.data.get("deepspeed")
+    if args.deepspeed_config and written_by is None:
+        raise SystemExit(f"ltsam train: --resume '{point.path}' was written without DeepSpeed: its optimizer state "
+                         "is a plain PyTorch one that a DeepSpeed engine cannot take; resume it without "
+                         "--deepspeed-config (the update is the same), or start a new DeepSpeed run")
+    if not args.deepspeed_config and written_by is not None:
+        raise SystemExit(f"ltsam train: --resume '{point.path}' was written by DeepSpeed (ZeRO stage "
+                         f"{written_by['zero_stage']}): its optimizer state is in DeepSpeed's files "
+                         f"('{written_by['dir']}/{written_by['tag']}'); resume it with --deepspeed-config and "
+                         f"--zero-stage {written_by['zero_stage']}")
 
 
 def unwritable(folder: Path) -> str | None:
