@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import timm.utils.checkpoint_saver
 import torch
 
 from ltsam.train import main as train_main
-from ltsam.train.preempt import REQUEUE_EXIT
+from ltsam.train.preempt import REQUEUE_EXIT, StopRequest
 
 # 203 training images (n_max 60, IF 20) in batches of 32: 6 updates an epoch
 TINY = ["--n-max", "60", "-b", "32", "--epochs", "2", "--no-progress", "--seed", "3"]
@@ -173,3 +174,20 @@ def test_plain_checkpoint_into_a_deepspeed_run_is_refused_with_the_way(tmp_path)
         run(tmp_path, "--epochs", "1", "--resume", "auto", "--deepspeed-config", str(config))
     assert "was written without DeepSpeed" in str(info.value.code)
     assert "resume it without --deepspeed-config" in str(info.value.code)
+
+
+def test_overridden_optimizer_option_replaces_the_restored_one(tmp_path):
+    """A loaded optimizer state brings back the old weight decay; an allowed override must win over it."""
+    assert run(tmp_path, "--weight-decay", "0.001", "--stop-epoch", "1") == 0
+    assert run(tmp_path, "--weight-decay", "0.01", "--resume", "auto", "--resume-override", "weight_decay") == 0
+    groups = load(tmp_path / "run" / "last.pth.tar")["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} - {0.0} == {0.01}  # timm keeps biases and norms at 0
+
+
+def test_stop_request_records_sigusr1_and_restores_the_handlers():
+    previous = signal.getsignal(signal.SIGUSR1)
+    with StopRequest() as stop:
+        assert stop.flag == 0.0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.flag == 1.0 and stop.name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is previous
