@@ -67,6 +67,7 @@ SCHEMA: dict[str, Any] = {
             "gpus_per_node": POSITIVE, "cpus_per_task": POSITIVE, "partition": STR, "account": STR, "qos": STR,
             "time": STR, "mem": STR, "constraint": STR, "job_name": STR, "port": PORT, "sbatch_args": STR_LIST,
             "srun_args": STR_LIST, "setup": STR_LIST, "submit": BOOL,
+            "requeue": BOOL, "signal": STR,
         },
     },
 }

@@ -20,3 +20,8 @@ def planned(path: str | Path, *overrides: str, env: dict[str, str] | None = None
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def srun_line(script: str) -> str:
+    """The job step of an sbatch script (run in the background, so the shell can trap the stop signal)."""
+    return next(line for line in script.splitlines() if line.startswith("srun ")).removesuffix(" &")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch_helpers import ENV, YAML, planned
+from launch_helpers import ENV, YAML, planned, srun_line
 
 from launch import backends, cli, recipe, scale
 from launch.errors import RecipeError
@@ -58,12 +58,12 @@ def test_single_node_recipe_with_multi_node_override_needs_a_host():
 
 def test_sbatch_uses_one_interpreter():
     """After `setup` activates a venv, torchrun is that venv's module, not the submitting machine's binary."""
-    inner = shlex.split(planned(SLURM).files["launch-job.sbatch"].splitlines()[-1])[-1]
+    inner = shlex.split(srun_line(planned(SLURM).files["launch-job.sbatch"]))[-1]
     assert inner.startswith("python -m torch.distributed.run ")
-    inner = shlex.split(planned(SLURM, "~launcher.slurm.setup").files["launch-job.sbatch"].splitlines()[-1])[-1]
+    inner = shlex.split(srun_line(planned(SLURM, "~launcher.slurm.setup").files["launch-job.sbatch"]))[-1]
     assert inner.startswith(f"{shlex.quote(sys.executable)} -m torch.distributed.run ")
-    inner = shlex.split(planned(SLURM, "launcher.python=/opt/env/bin/python3").files["launch-job.sbatch"]
-                        .splitlines()[-1])[-1]
+    script = planned(SLURM, "launcher.python=/opt/env/bin/python3").files["launch-job.sbatch"]
+    inner = shlex.split(srun_line(script))[-1]
     assert inner.startswith("/opt/env/bin/python3 -m torch.distributed.run ")
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from launch_helpers import ENV, ROOT, YAML, planned
+from launch_helpers import ENV, ROOT, YAML, planned, srun_line
 
 from launch import cli
 from launch.program import to_flags, tool
@@ -43,7 +45,7 @@ def test_every_recipe_dry_runs(path, data, capsys, monkeypatch):
     assert out.splitlines()[-1] == shlex.join(plan.commands[-1])
     assert "# ---- " + str(plan.log_dir / "launch-recipe.yaml") in out
     assert "\n# scale: world size " in out
-    argv = shlex.split(plan.files["launch-job.sbatch"].splitlines()[-1])[-1] if "launch-job.sbatch" in plan.files \
+    argv = shlex.split(srun_line(plan.files["launch-job.sbatch"]))[-1] if "launch-job.sbatch" in plan.files \
         else shlex.join(plan.commands[0])
     if "--data-dir" in argv:
         expected = "../shared/data" if data is None else data
@@ -154,21 +156,21 @@ def test_slurm_torchrun_script():
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --time=48:00:00",
                  "#SBATCH --partition=gpu", ". .venv/bin/activate"):
         assert line in script.splitlines()
-    srun = script.splitlines()[-1]
+    srun = srun_line(script)
     assert srun.startswith('srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1 '
                            'bash -c ')
     inner = shlex.split(srun)[-1]
     assert inner.startswith('python -m torch.distributed.run --nnodes="${SLURM_NNODES}" --nproc-per-node=8 '
                             '--rdzv-backend=c10d --rdzv-endpoint="${HEAD_NODE}":29500 '
                             '--rdzv-id="${SLURM_JOB_ID}" --max-restarts=3 -m ltsam.train ')
-    assert inner.endswith("--batch-size 16")
+    assert inner.endswith("--batch-size 16 --resume auto")  # a requeued or resubmitted job continues
 
 
 def test_slurm_script_expands_on_each_node(tmp_path):
     """Run the srun line's inner command through bash with fake SLURM variables: the values arrive intact."""
     plan = planned(YAML / "imagenet_lt_r50_ssesam_slurm.yaml", "launcher.torchrun.executable=echo",
                    "program.args.note=$${SLURM_JOB_ID}/a b")
-    inner = shlex.split(plan.files["launch-job.sbatch"].splitlines()[-1])[-1]
+    inner = shlex.split(srun_line(plan.files["launch-job.sbatch"]))[-1]
     env = {"SLURM_NNODES": "2", "HEAD_NODE": "node7", "SLURM_JOB_ID": "42", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(["bash", "-c", inner], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("--nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=node7:29500 "
@@ -185,10 +187,49 @@ def test_slurm_deepspeed_script():
     assert json.loads(plan.files["ds_config.json"])["train_micro_batch_size_per_gpu"] == 64
     assert 'export HOSTFILE=runs/inat2018/r50-focalsam/hostfile."${SLURM_JOB_ID}"' in script
     assert 'sed "s/\\$/ slots=4/" > "$HOSTFILE"' in script
-    inner = shlex.split(script.splitlines()[-1])[-1]
+    inner = shlex.split(srun_line(script))[-1]
     assert inner.startswith(f'{PY} -m deepspeed.launcher.runner --hostfile="${{HOSTFILE}}" '
                             '--master_addr="${HEAD_NODE}" --master_port=29500 --node_rank="${SLURM_NODEID}" '
                             '--no_ssh --no_local_rank --module ltsam.train ')
+
+
+FAKE_SRUN = """#!/bin/bash
+# a job step that runs until SIGTERM, then checkpoints and exits as ltsam.train does at a stop signal
+trap 'echo "step got TERM" >> "$LOG"; exit 75' TERM
+echo "step started" >> "$LOG"
+while :; do sleep 0.1; done
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1" in show) echo node1 ;; *) echo "scontrol $*" >> "$LOG" ;; esac
+"""
+
+
+def test_slurm_script_requeues_at_the_stop_signal(tmp_path):
+    """The dry run's sbatch script asks for requeue and a signal ahead of the time limit; run under bash with
+    a fake srun and scontrol, USR1 to the batch shell reaches the step as SIGTERM and the job is requeued."""
+    plan = planned(YAML / "imagenet_lt_r50_ssesam_slurm.yaml", "launcher.slurm.signal=USR1@300",
+                   "launcher.slurm.setup=[]")
+    script = plan.files["launch-job.sbatch"]
+    assert {"#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"} <= set(script.splitlines())
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "job.sbatch").write_text(script)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(log), "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_NNODES": "1"}
+    job = subprocess.Popen(["bash", str(tmp_path / "job.sbatch")], env=env, cwd=tmp_path,
+                           stderr=subprocess.PIPE, text=True)
+    while job.poll() is None and not (log.is_file() and "step started" in log.read_text()):
+        time.sleep(0.05)  # the step must be running before the signal comes
+    job.send_signal(signal.SIGUSR1)
+    assert job.wait(timeout=30) == 75
+    assert log.read_text().splitlines() == ["step started", "step got TERM", "scontrol requeue 42"]
+    assert "requeueing job 42" in job.stderr.read()
+    no_requeue = planned(YAML / "imagenet_lt_r50_ssesam_slurm.yaml", "launcher.slurm.requeue=false")
+    assert "--requeue" not in no_requeue.files["launch-job.sbatch"] and "--resume auto" not in srun_line(
+        no_requeue.files["launch-job.sbatch"])
 
 
 def test_launcher_never_imports_torch():

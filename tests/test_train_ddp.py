@@ -14,13 +14,13 @@ import torch
 TINY = ["--n-max", "60", "-b", "16", "--epochs", "2", "--no-progress", "--seed", "5"]
 
 
-def torchrun(out, experiment: str, *flags: str, restarts: int = 0, env: dict | None = None):
+def torchrun(out, experiment: str, *flags: str, restarts: int = 0, env: dict | None = None, check: bool = True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--max-restarts", str(restarts), "-m", "ltsam.train", *TINY, "--output", str(out),
            "--experiment", experiment, *flags]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     result = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert not check or result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 
@@ -74,6 +74,43 @@ def test_deepspeed_zero_run_makes_the_same_updates_as_plain_ranks(tmp_path, stag
     assert ds["optimizer"]["ltsam"] == plain["optimizer"]["ltsam"] and ds["num_updates"] == 12
     for name, tensor in plain["state_dict"].items():
         assert torch.allclose(tensor.float(), ds["state_dict"][name].float(), atol=1e-5), name
+    if stage == 2:
+        pytest.deepspeed_zero2 = (config, ds)
+
+
+def test_deepspeed_zero2_stopped_at_a_signal_resumes_to_the_same_weights(tmp_path):
+    """SIGTERM reaches rank 1 only, after update 8 (epoch 1): both ranks stop after the same update (the flag is
+    summed with the loss), DeepSpeed writes its partitions and ltsam the rest; the resumed run ends equal to
+    the uninterrupted ZeRO-2 run above. The checkpoint refuses to resume without DeepSpeed, saying how."""
+    pytest.importorskip("deepspeed")
+    flags = ["--opt", "ssesam", "--eta", "20", "--opt-kwargs", "gamma=0.5", "--dist-bn", "", "--zero-stage", "2"]
+    env = {"DS_ACCELERATOR": "cpu"}
+    config, straight = getattr(pytest, "deepspeed_zero2", (tmp_path / "ds_config.json", None))
+    if straight is None:
+        config.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+        torchrun(tmp_path, "straight", *flags, "--deepspeed-config", str(config), env=env)
+        straight = weights(tmp_path, "straight")
+    flags += ["--deepspeed-config", str(config)]
+    stopped = torchrun(tmp_path, "ds", *flags, env={**env, "LTSAM_SIGNAL_AT_STEP": "8", "LTSAM_SIGNAL_RANK": "1"},
+                       check=False)
+    assert stopped.returncode != 0
+    assert "(rank 1): stopped by SIGTERM at 3 updates into epoch 1 (update 9)" in stopped.stderr, stopped.stderr[-3000:]
+    assert "(rank 0): stopped by a signal on another rank at 3 updates into epoch 1 (update 9)" in stopped.stderr
+    mid = weights(tmp_path, "ds")
+    assert mid["deepspeed"] == {"dir": "deepspeed", "tag": "epoch1-update9", "zero_stage": 2}
+    assert sorted(p.name for p in (tmp_path / "ds" / "deepspeed" / "epoch1-update9").iterdir()) == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    refused = torchrun(tmp_path, "ds", *flags[:-2], "--resume", "auto", check=False)
+    assert "was written by DeepSpeed (ZeRO stage 2)" in refused.stderr
+    assert "resume it with --deepspeed-config and --zero-stage 2" in refused.stderr
+    resumed = torchrun(tmp_path, "ds", *flags, "--resume", "auto", env=env)
+    assert "at epoch 1 (update 9, 3 into the epoch)" in resumed.stderr
+    final = weights(tmp_path, "ds")
+    assert final["num_updates"] == straight["num_updates"] == 12
+    assert final["optimizer"]["ltsam"] == straight["optimizer"]["ltsam"]
+    for name, tensor in straight["state_dict"].items():
+        assert torch.allclose(tensor.float(), final["state_dict"][name].float(), atol=1e-6, rtol=0), name
 
 
 def test_deepspeed_zero3_with_a_sam_optimizer_is_refused(tmp_path):

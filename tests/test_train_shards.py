@@ -62,6 +62,23 @@ def test_stream_resumes_bit_identical(digits_shards, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_stream_stopped_by_a_signal_mid_epoch_resumes_bit_identical(digits_shards, tmp_path, monkeypatch):
+    """SIGTERM after update 7 (epoch 1, 2 loader workers reading the shards): the resumed run replays the
+    epoch's stream up to the stop and ends with the uninterrupted run's weights."""
+    root, _, _ = digits_shards
+    flags = ["--dataset", "shards", "--sampler", "sqrt", "--opt", "sam", "--workers", "2", "--epochs", "2"]
+    assert run(root, tmp_path, *flags, experiment="straight") == 0
+    monkeypatch.setenv("LTSAM_SIGNAL_AT_STEP", "7")
+    assert run(root, tmp_path, *flags, experiment="stopped") == 75  # preempt.REQUEUE_EXIT
+    assert torch.load(tmp_path / "stopped" / "last.pth.tar", weights_only=True)["position"]["batch"] == 2
+    monkeypatch.delenv("LTSAM_SIGNAL_AT_STEP")
+    assert run(root, tmp_path, *flags, "--resume", "auto", experiment="stopped") == 0
+    straight, resumed = (torch.load(tmp_path / e / "last.pth.tar", weights_only=True)
+                         for e in ("straight", "stopped"))
+    assert straight["num_updates"] == resumed["num_updates"] == 12
+    assert all(torch.equal(v, resumed["state_dict"][k]) for k, v in straight["state_dict"].items())
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--dataset", "shards", "--sampler", "repeat"], "use --dataset shards-wids"),
     (["--dataset", "shards", "--n-max", "10"], "long-tailed as written"),

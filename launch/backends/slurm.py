@@ -2,6 +2,12 @@
 
 Values only known inside the job (node count, job id, head node, node id) are written as `${NAME}` and
 expanded by the shell on each node; so is any `${NAME}` a recipe wrote as `$${NAME}`.
+
+Preemption (`requeue: true`, the default): `#SBATCH --requeue` and `--signal=B:USR1@120` (`signal:`). The
+batch shell traps the signal and sends SIGTERM to the job step; `ltsam.train` then checkpoints at the next
+update and exits with REQUEUE_EXIT (ltsam.train.preempt), and the script requeues the job, which runs again
+with `--resume auto` (added for `ltsam.train`; a fresh folder just starts). torchrun forwards SIGTERM to its
+workers and waits 30 s before SIGKILL, so an update plus a checkpoint must fit in that time.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ HOSTFILE = "hostfile"
 SBATCH_OPTIONS = ("partition", "account", "qos", "time", "mem", "constraint", "cpus_per_task")
 _SHELL_VAR = re.compile(r"(\$\{[A-Za-z_][A-Za-z0-9_]*\})")
 _PLAIN = re.compile(r"[\w@%+=:,./-]+")
+REQUEUE_EXIT = 75  # ltsam.train.preempt.REQUEUE_EXIT (the launcher imports no torch, so not from there)
+DEFAULT_SIGNAL = "USR1@120"
 
 
 def world_size(recipe: Recipe) -> int:
@@ -86,6 +94,9 @@ def header(recipe: Recipe) -> list[tuple[str, str]]:
                 if cfg.get(k) is not None]
     options += [("launcher.log_dir", f"--chdir={Path.cwd()}"), ("launcher.log_dir", f"--output={out / 'slurm-%j.out'}")]
     options += [(f"{SECTION}.sbatch_args", str(a)) for a in cfg.get("sbatch_args") or []]
+    if cfg.get("requeue", True):  # requeue on preemption or node failure; the signal goes to the batch shell
+        options += [(f"{SECTION}.requeue", "--requeue"),
+                    (f"{SECTION}.signal", f"--signal=B:{cfg.get('signal') or DEFAULT_SIGNAL}")]
     return options
 
 
@@ -98,12 +109,43 @@ def script(recipe: Recipe) -> tuple[str, dict[str, str]]:
     cpus = [f"--cpus-per-task={cfg['cpus_per_task']}"] if cfg.get("cpus_per_task") else []  # srun does not inherit it
     srun = ["srun", '--nodes="$SLURM_NNODES"', "--ntasks-per-node=1", *cpus, "--kill-on-bad-exit=1",
             *map(shlex.quote, cfg.get("srun_args") or [])]
-    inner = " ".join(shell_quote(t) for t in command)
+    requeue = cfg.get("requeue", True)
+    inner = " ".join(shell_quote(t) for t in command + (resume_flags(recipe) if requeue else []))
     lines = ["#!/bin/bash", *(f"#SBATCH {sbatch_quote(option)}" for _, option in header(recipe)),
              "set -euo pipefail", *(cfg.get("setup") or []), *env,
-             'export HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"', *prelude,
-             f"{' '.join(srun)} bash -c {shlex.quote(inner)}"]
-    return "\n".join(lines) + "\n", files
+             'export HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"', *prelude]
+    step = f"{' '.join(srun)} bash -c {shlex.quote(inner)}"
+    return "\n".join(lines + (requeue_lines(step) if requeue else [step])) + "\n", files
+
+
+def requeue_lines(step: str) -> list[str]:
+    """The job step in the background (a trap runs only while the shell waits), the trap that passes the
+    signal on as SIGTERM, and `scontrol requeue` when the run stopped at it (REQUEUE_EXIT or the trap fired)."""
+    return [
+        'stopping=0 step=""',
+        "trap 'stopping=1; echo \"ltsam-launch: stop signal: asking the trainer to checkpoint\" >&2; "
+        "kill -TERM \"$step\" 2>/dev/null || true' USR1 USR2 TERM",
+        f"{step} &",
+        "step=$!",
+        'while :; do  # a trap interrupts wait: wait again until the step has ended',
+        '  status=0; wait "$step" || status=$?',
+        '  kill -0 "$step" 2>/dev/null || break',
+        "done",
+        f'if [ "$stopping" = 1 ] || [ "$status" = {REQUEUE_EXIT} ]; then',
+        '  echo "ltsam-launch: requeueing job $SLURM_JOB_ID; it resumes from its last checkpoint" >&2',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$status"',
+    ]
+
+
+def resume_flags(recipe: Recipe) -> list[str]:
+    """`--resume auto` for `ltsam.train` unless the recipe resumes or overwrites itself: a requeued or
+    resubmitted job continues its folder's newest complete checkpoint instead of being refused."""
+    args = recipe.get("program.args") or {}
+    if recipe.get("program.module") not in ("ltsam.train", "ltsam") or args.get("resume") or args.get("overwrite"):
+        return []
+    return ["--resume", "auto"]
 
 
 def plan(recipe: Recipe) -> tuple[list[list[str]], dict[str, str], bool]:

@@ -170,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--output", default="./output/train")
     group.add_argument("--experiment", default=None,
                        help="folder under --output (default: <dataset>-<model>-<opt>-seed<seed>)")
-    group.add_argument("--resume", default=None, help="checkpoint to resume, or 'auto' for the output folder's last")
+    group.add_argument("--resume", default=None,
+                       help="checkpoint to resume, or 'auto' for the output folder's newest complete one")
+    group.add_argument("--resume-override", nargs="+", default=[], metavar="KEY",
+                       help="training settings that may differ from the resumed checkpoint's (e.g. epochs: the "
+                            "schedule is rebuilt for the new total); any other difference is refused")
     group.add_argument("--overwrite", action="store_true", help="start afresh in a folder holding a checkpoint")
     group.add_argument("--checkpoint-hist", type=int, default=3)
     group.add_argument("--seed", type=int, default=42)
@@ -224,6 +228,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}")
     if args.eval_interval < 1:
         parser.error(f"--eval-interval must be >= 1, got {args.eval_interval}")
+    if args.resume_override and not args.resume:
+        parser.error("--resume-override applies to a resumed run: add --resume")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other: resume continues the folder's run")
     if args.few_shot > args.many_shot:

@@ -2,12 +2,16 @@
 
 timm's saver already writes ``tmp.pth.tar`` and ``os.replace``-s it onto ``last.pth.tar`` (atomic), then
 hard-links ranked copies. This subclass adds the scheduler, the GradScaler, the update count and every rank's
-RNG state, and stores ``args`` as a plain dict so the file loads with ``weights_only=True``.
+RNG state, and stores ``args`` as a plain dict so the file loads with ``weights_only=True``. A checkpoint
+written at a stop signal also holds the position inside the epoch. Under DeepSpeed the engine's own
+``save_checkpoint`` writes the (partitioned) optimizer state into ``deepspeed/<tag>`` first, on every rank;
+ltsam's file then names that tag and holds the rest (RNG, SSE-SAM stage, EMA, scheduler, position).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +19,13 @@ import torch
 from timm.utils import CheckpointSaver, get_state_dict, unwrap_model
 from torch import nn
 
+from ltsam.optim import SAMFamily
+from ltsam.train import distributed as dist_utils
 from ltsam.train.distributed import set_rng_state
+from ltsam.train.resume import CANDIDATES, DEEPSPEED_DIR, LAST, SCHEDULE_KEYS, TMP, ResumePoint
 
-LAST = "last.pth.tar"
-CHECKPOINT_GLOB = ("last.pth.tar", "checkpoint-*.pth.tar", "model_best.pth.tar")
+# optimizer flags whose values live in the param groups (which a loaded state_dict would otherwise restore)
+GROUP_KEYS = {"weight_decay": "weight_decay", "momentum": "momentum", "opt_eps": "eps", "opt_betas": "betas"}
 
 
 @dataclass
@@ -28,6 +35,10 @@ class TrainState:
     epoch: int = 0          # next epoch to run
     num_updates: int = 0
     wall_s: float = 0.0     # seconds of training the last checkpoint carries, summed over resumed attempts
+    skip: int = 0           # updates of ``epoch`` already done (a run resumed from a checkpoint at a signal)
+    loss_sum: float = 0.0   # their summed loss, so the epoch's mean loss is the uninterrupted run's
+    epoch_rng: dict | None = None  # this rank's RNG state when the epoch began, and when the run stopped in it
+    batch_rng: dict | None = None
 
 
 class Saver(CheckpointSaver):
@@ -41,6 +52,9 @@ class Saver(CheckpointSaver):
         self.scaler = scaler
         self.train_state = train_state
         self.pending_rng: list[dict] | None = None  # every rank's RNG state, gathered just before a save
+        self.engine = None  # a DeepSpeed engine: its own files hold the optimizer state
+        self.deepspeed_tag: str | None = None
+        self.position: dict | None = None  # where inside an epoch a run stopped at a signal
 
     def _save(self, save_path: str, epoch: int, metric=None) -> None:
         state = {
@@ -49,14 +63,19 @@ class Saver(CheckpointSaver):
             "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, list,
                                                                                   dict, type(None)))},
             "state_dict": get_state_dict(self.model, unwrap_model),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.engine is None else
+            {"ltsam": self.optimizer.method_state()} if isinstance(self.optimizer, SAMFamily) else {},
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "num_updates": self.train_state.num_updates,
             "wall_s": self.train_state.wall_s,
             "rng": self.pending_rng,
+            "position": self.position,
             "version": 2,
-            "saver": self.state_dict(epoch, metric),
+            "saver": self.state_dict(epoch, metric) if self.position is None else self.state_dict(),
         }
+        if self.engine is not None:
+            state["deepspeed"] = {"dir": DEEPSPEED_DIR, "tag": self.deepspeed_tag,
+                                  "zero_stage": int(self.engine.zero_optimization_stage())}
         if self.model_ema is not None:
             state["state_dict_ema"] = get_state_dict(self.model_ema, unwrap_model)
         if self.scaler is not None:
@@ -66,49 +85,117 @@ class Saver(CheckpointSaver):
         torch.save(state, save_path)
 
 
+    def save_position(self, position: dict) -> None:
+        """A checkpoint inside epoch ``position["epoch"]``: ``last`` only (atomically), no ranked copy."""
+        self.position = position
+        tmp, last = Path(self.checkpoint_dir) / TMP, Path(self.checkpoint_dir) / LAST
+        try:
+            self._save(str(tmp), position["epoch"] - 1)
+            self._replace(str(tmp), str(last))
+        finally:
+            self.position = None
+
+
 def existing_checkpoints(folder: Path) -> list[Path]:
-    return sorted(p for pattern in CHECKPOINT_GLOB for p in folder.glob(pattern))
+    return sorted(p for pattern in CANDIDATES for p in folder.glob(pattern))
 
 
-def resolve_resume(resume: str | None, folder: Path) -> Path | None:
-    """``auto``: the folder's ``last.pth.tar`` if any (a fresh start otherwise); a path must exist."""
-    if not resume:
-        return None
-    if resume == "auto":
-        last = folder / LAST
-        return last if last.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise SystemExit(f"ltsam train: --resume '{path}' does not exist (use --resume auto for the output folder's "
-                         "last checkpoint)")
-    return path
+def write_checkpoint(saver: Saver | None, engine, out: Path, state: TrainState, epoch: int, metric=None,
+                     stopped_at: int | None = None) -> None:
+    """Collective (every rank calls it): DeepSpeed's files first, then ltsam's on rank 0. ``stopped_at``: the
+    updates done in ``epoch`` when a stop signal ended it early; otherwise ``epoch`` is complete."""
+    tag = None
+    if engine is not None:  # every rank writes its own partition; the tag is complete before ltsam names it
+        tag = f"epoch{epoch}" if stopped_at is None else f"epoch{epoch}-update{state.num_updates}"
+        engine.save_checkpoint(str(out / DEEPSPEED_DIR), tag=tag, save_latest=False)
+    states = dist_utils.all_gather((dist_utils.rng_state(), state.epoch_rng))
+    if saver is not None:
+        saver.pending_rng = [now for now, _ in states]
+        saver.deepspeed_tag = tag
+        if stopped_at is None:
+            saver.save_checkpoint(epoch, metric=metric)
+        else:
+            saver.save_position({"epoch": epoch, "batch": stopped_at, "loss_sum": state.loss_sum,
+                                 "epoch_rng": [start for _, start in states]})
+        if engine is not None:
+            prune_deepspeed_tags(out, tag, saver)
+    dist_utils.barrier()  # the checkpoint is on disk before any rank can fail or exit
 
 
-def load_training_state(path: Path, model: nn.Module, optimizer, scheduler, scaler, model_ema, saver: Saver | None,
-                        rank: int) -> TrainState:
-    """Restore every piece ``Saver`` wrote; returns the epoch to start from and the update count."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in ("state_dict", "optimizer", "epoch") if k not in ckpt]
-    if missing:
-        raise SystemExit(f"ltsam train: '{path}' is not an ltsam training checkpoint (no {', '.join(missing)})")
-    unwrap_model(model).load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None and ckpt.get("scheduler") is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
+def prune_deepspeed_tags(out: Path, current: str, saver: Saver) -> None:
+    """Delete DeepSpeed tags no ltsam checkpoint refers to: keep the newest, the ranked copies' and the best."""
+    keep = {current, f"epoch{saver.best_epoch}"} | {f"epoch{p.name.split('-')[1].split('.')[0]}"
+                                                   for p in out.glob("checkpoint-*.pth.tar")}
+    for tag_dir in (out / DEEPSPEED_DIR).iterdir():
+        if tag_dir.is_dir() and tag_dir.name not in keep:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+
+
+def load_training_state(point: ResumePoint, model: nn.Module, optimizer, scheduler, scaler, model_ema,
+                        saver: Saver | None, rank: int, engine=None) -> TrainState:
+    """Restore every piece ``Saver`` wrote; returns the epoch (and update inside it) to start from.
+
+    Under DeepSpeed, the engine loads its own tag (weights and partitioned optimizer state). Overridden
+    schedule keys rebuild the lr at the current epoch of the new schedule instead of restoring the old one.
+    """
+    ckpt, path = point.data, point.path
+    written_by = ckpt.get("deepspeed")  # resume.check_config made sure it matches ``engine``
+    fresh_groups = [dict(g) for g in optimizer.param_groups]
+    if engine is not None:
+        stage = int(engine.zero_optimization_stage())
+        if stage != written_by["zero_stage"]:
+            raise SystemExit(f"ltsam train: '{path}' was written at ZeRO stage {written_by['zero_stage']}, this run "
+                             f"uses stage {stage}; resume with --zero-stage {written_by['zero_stage']}")
+        loaded, _ = engine.load_checkpoint(str(path.parent / written_by["dir"]), tag=written_by["tag"],
+                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise SystemExit(f"ltsam train: DeepSpeed could not load '{path.parent / written_by['dir']}/"
+                             f"{written_by['tag']}' named by '{path}'; resume from another checkpoint")
+        if isinstance(optimizer, SAMFamily):
+            optimizer.load_method_state(ckpt["optimizer"].get("ltsam", {}))
+            # DeepSpeed loaded the base optimizer, which made new param groups: the wrapper (and through it
+            # timm's scheduler) must set the lr on those, as SAMFamily.load_state_dict does itself
+            optimizer.param_groups, optimizer.state = optimizer.base_optimizer.param_groups, \
+                optimizer.base_optimizer.state
+    else:
+        unwrap_model(model).load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    restore_overridden_groups(optimizer, fresh_groups, point.overridden)
     if scaler is not None and "amp_scaler" in ckpt:
         scaler.load_state_dict(ckpt["amp_scaler"])
     if model_ema is not None:
         if "state_dict_ema" not in ckpt:
             raise SystemExit(f"ltsam train: '{path}' has no EMA weights but --model-ema is on")
         unwrap_model(model_ema).load_state_dict(ckpt["state_dict_ema"])
+    position = ckpt.get("position") or {}
+    state = TrainState(epoch=int(position.get("epoch", int(ckpt["epoch"]) + 1)),
+                       num_updates=int(ckpt.get("num_updates", 0)), wall_s=float(ckpt.get("wall_s", 0.0)),
+                       skip=int(position.get("batch", 0)), loss_sum=float(position.get("loss_sum", 0.0)))
+    if scheduler is not None and SCHEDULE_KEYS & point.overridden.keys():
+        scheduler.step(state.epoch)  # the new schedule, where the run stands; not the old one's lr
+        scheduler.step_update(state.num_updates)
+    elif scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
     rng = ckpt.get("rng") or []
     if rank < len(rng):
-        set_rng_state(rng[rank])
+        if state.skip:  # restored inside the loop, after the epoch's batches are replayed
+            state.epoch_rng, state.batch_rng = position["epoch_rng"][rank], rng[rank]
+        else:
+            set_rng_state(rng[rank])
     elif rng:
         raise SystemExit(f"ltsam train: '{path}' holds RNG states of {len(rng)} ranks; rank {rank} cannot resume "
                          "exactly (resume with the same number of processes)")
     same_folder = saver is not None and path.parent.resolve() == Path(saver.checkpoint_dir).resolve()
     if same_folder and ckpt.get("saver") is not None:
         saver.load_state_dict(ckpt["saver"])
-    return TrainState(epoch=int(ckpt["epoch"]) + 1, num_updates=int(ckpt.get("num_updates", 0)),
-                      wall_s=float(ckpt.get("wall_s", 0.0)))
+    return state
+
+
+def restore_overridden_groups(optimizer, fresh_groups: list[dict], overridden: dict) -> None:
+    """A loaded optimizer state brings back the old param-group values: put this run's back for the optimizer
+    flags the user allowed to change (``--resume-override weight_decay`` must change the weight decay)."""
+    names = {GROUP_KEYS[k] for k in overridden if k in GROUP_KEYS}
+    if "opt_kwargs" in overridden:
+        names |= set(overridden["opt_kwargs"][1])
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        group.update({k: fresh[k] for k in names if k in fresh})

@@ -115,14 +115,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def gather_rng_states() -> list[dict]:
-    """Every rank's RNG state, on every rank (rank 0 writes them into the one checkpoint file)."""
-    local = rng_state()
+def all_gather(local):
+    """Every rank's ``local`` (any picklable value), in rank order, on every rank."""
     if not is_distributed():
         return [local]
-    states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, local)
-    return states
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, local)
+    return values
 
 
 def _to_lists(value):

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from ltsam.metrics import LongTailAccuracy
 from ltsam.optim import SAMFamily
 from ltsam.optim import deepspeed as ltsam_deepspeed
-from ltsam.train.distributed import all_reduce_sum
+from ltsam.train.distributed import all_reduce_sum, rng_state, set_rng_state
+from ltsam.train.preempt import StopRequest, maybe_signal
 
 # test-only fault injection: rank LTSAM_FAULT_RANK (default 1) calls os._exit(1) right after update
 # LTSAM_FAULT_AT_STEP, once: the marker file LTSAM_FAULT_MARKER keeps the restarted group alive
@@ -142,25 +143,41 @@ def progress_bar(enabled: bool) -> Progress:
 
 
 def train_one_epoch(ctx: StepContext, loader: DataLoader, epoch: int, state, scheduler, model_ema,
-                    progress: Progress, world_size: int, log_interval: int, device: torch.device) -> dict:
-    """Run one epoch of updates; returns ``{"loss": mean over the epoch and ranks}``.
+                    progress: Progress, world_size: int, log_interval: int, device: torch.device,
+                    stop: StopRequest | None = None) -> dict:
+    """Run one epoch of updates; returns ``{"loss": mean over the epoch and ranks}``, plus ``stopped_at``
+    (updates done in the epoch) and ``loss_sum`` when a stop signal ended it early.
 
-    The loss is summed over ranks after every update, so every rank sees a NaN/inf together and stops at the
-    same step with the same message.
+    The loss is summed over ranks after every update together with the stop flag, so every rank sees a NaN/inf
+    or a signal together and stops at the same step. A run resumed inside the epoch (``state.skip`` > 0)
+    replays the epoch's data order from the epoch's starting RNG state, skips the batches already trained and
+    then takes the RNG state of the moment it stopped, so it continues as if it never had.
     """
     ctx.module.train()
     stage = getattr(ctx.optimizer, "stage", None)  # SSE-SAM only
     task = progress.add_task("train", total=len(loader), epoch=epoch, loss=float("nan"), rate=0.0,
                              lr=ctx.optimizer.param_groups[0]["lr"], stage=f"  stage {stage}" if stage else "")
-    total, seen, start = 0.0, 0, time.perf_counter()
+    skip = state.skip  # loader batches already trained in this epoch (a multiple of --grad-accum-steps)
+    if skip:
+        set_rng_state(state.epoch_rng)
+    state.epoch_rng = rng_state()  # the data loader draws its seeds from it: a mid-epoch checkpoint keeps it
+    batches = iter(loader)
+    for _ in range(skip):
+        next(batches)
+    if skip:
+        set_rng_state(state.batch_rng)
+    total, seen, start = state.loss_sum, updates_per_epoch(skip, ctx.accum_steps), time.perf_counter()
+    state.skip, state.loss_sum = 0, 0.0
     micro: list[tuple[Tensor, Tensor]] = []
-    for batch_idx, (x, y) in enumerate(loader):
+    for batch_idx, (x, y) in enumerate(batches, start=skip):
         micro.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
         if len(micro) < ctx.accum_steps and batch_idx + 1 < len(loader):
             continue  # an update every --grad-accum-steps batches, and one for the epoch's last batches
         xs, ys = (micro[0] if len(micro) == 1 else (torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])))
-        loss = all_reduce_sum(train_step(ctx, xs, ys, len(micro)).float().reshape(1).clone()) / world_size
+        loss = train_step(ctx, xs, ys, len(micro)).float().reshape(1)
         micro = []
+        reduced = all_reduce_sum(torch.cat([loss, loss.new_tensor([stop.flag if stop is not None else 0.0])]))
+        loss, stopping = reduced[:1] / world_size, bool(reduced[1] > 0)
         value = float(loss)
         state.num_updates += 1
         if not math.isfinite(value):
@@ -172,10 +189,13 @@ def train_one_epoch(ctx: StepContext, loader: DataLoader, epoch: int, state, sch
         if scheduler is not None:
             scheduler.step_update(num_updates=state.num_updates)
         _maybe_fault(state.num_updates)
+        maybe_signal(state.num_updates)
         if (batch_idx + 1) % log_interval == 0 or batch_idx + 1 == len(loader):
-            rate = (batch_idx + 1) * x.shape[0] * world_size / (time.perf_counter() - start)
+            rate = (batch_idx + 1 - skip) * x.shape[0] * world_size / (time.perf_counter() - start)
             progress.update(task, completed=batch_idx + 1, loss=total / seen, rate=rate,
                             lr=ctx.optimizer.param_groups[0]["lr"])
+        if stopping:
+            return {"loss": total / seen, "stopped_at": batch_idx + 1, "loss_sum": total}
     return {"loss": total / max(seen, 1)}
 
 

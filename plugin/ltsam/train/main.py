@@ -32,7 +32,9 @@ from ltsam.optim.radius import RadiusScheduler, create_radius_scheduler
 from ltsam.train import args as cli_args
 from ltsam.train import data as train_data
 from ltsam.train import distributed as dist_utils
-from ltsam.train.checkpoint import LAST, Saver, TrainState, existing_checkpoints, load_training_state, resolve_resume
+from ltsam.train import preempt
+from ltsam.train import resume as resume_point
+from ltsam.train.checkpoint import LAST, Saver, TrainState, existing_checkpoints, load_training_state, write_checkpoint
 from ltsam.train.loop import NonFiniteLoss, StepContext, evaluate, progress_bar, train_one_epoch, updates_per_epoch
 
 SUMMARY, RESULTS, PLOT, ARGS = "summary.csv", "results.json", "per_class.png", "args.yaml"
@@ -48,24 +50,36 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as err:
         print(f"ltsam train (rank {args.rank}): {err}", file=sys.stderr)
         return 3
+    except preempt.Preempted as err:
+        print(f"ltsam train (rank {args.rank}): {err}", file=sys.stderr)
+        return preempt.REQUEUE_EXIT
     finally:
         dist_utils.shutdown()
     return 0
 
 
-def prepare_output(args: argparse.Namespace, primary: bool) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume; refuses a folder holding another run's checkpoints."""
+def prepare_output(args: argparse.Namespace, primary: bool) -> tuple[Path, resume_point.ResumePoint | None]:
+    """The run folder and the checkpoint to resume; refuses a folder holding another run's checkpoints, or
+    one this run cannot write."""
     out = Path(args.output) / cli_args.experiment_name(args)
     if args.resume is None and dist_utils.restarted():
         args.resume = "auto"  # a group torchrun restarted continues from its last checkpoint by itself
-    resume = resolve_resume(args.resume, out)
+    resume, passed_over = resume_point.resolve_resume(args.resume, out)
+    if passed_over and resume is None:
+        raise SystemExit(f"ltsam train: --resume auto found no complete checkpoint in '{out}': "
+                         f"{'; '.join(passed_over)}; pass --resume with a good file, or --overwrite to start afresh")
+    if primary and passed_over:
+        print(f"ltsam train: --resume auto passed over {'; '.join(passed_over)}", file=sys.stderr)
     found = existing_checkpoints(out) if out.is_dir() else []
     if found and not args.resume and not args.overwrite:
         raise SystemExit(f"ltsam train: output folder '{out}' holds another run's checkpoint ({found[0].name}); "
                          "pass --resume auto to continue it, --overwrite to start afresh, or another --experiment")
     dist_utils.barrier()  # every rank has looked before rank 0 clears anything
+    unwritable = resume_point.unwritable(out) if primary else None
+    if dist_utils.all_reduce_sum(torch.tensor([float(unwritable is not None)], device=args.device)).item():
+        raise SystemExit(f"ltsam train: cannot write the output folder '{out}' ({unwritable or 'see rank 0'}); "
+                         "choose a writable --output")
     if primary:
-        out.mkdir(parents=True, exist_ok=True)
         if args.overwrite:
             for path in found + [out / SUMMARY, out / RESULTS]:
                 path.unlink(missing_ok=True)
@@ -137,8 +151,8 @@ def start_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer:
     """Wrap model and optimizer in a DeepSpeed engine built from ``--deepspeed-config`` (+ ``--zero-stage``).
 
     The batch size, accumulation (1) and clipping come from ltsam's own flags, so the update is the one the
-    same flags give without DeepSpeed. Checkpoints hold the full weights and, at ZeRO 0, the optimizer state;
-    at ZeRO 1/2 the optimizer state is partitioned over ranks, so resuming such a run is refused.
+    same flags give without DeepSpeed. DeepSpeed's own checkpoint files hold its (partitioned) optimizer state
+    (``checkpoint.write_checkpoint``), so every stage resumes.
     """
     from ltsam.optim.deepspeed import DeepSpeedConfigError, initialize
 
@@ -151,10 +165,6 @@ def start_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer:
         raise SystemExit(f"ltsam train: --deepspeed-config '{path}' is not valid JSON: {err}") from err
     if args.zero_stage is not None:
         config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": args.zero_stage}
-    stage = int(config.get("zero_optimization", {}).get("stage", 0))
-    if args.resume and stage > 0 and args.world_size > 1:
-        raise SystemExit(f"ltsam train: --resume with ZeRO stage {stage}: the optimizer state is partitioned over "
-                         "ranks and ltsam's checkpoints hold rank 0's share only; resume with --zero-stage 0")
     if args.grad_accum_steps > 1:
         raise SystemExit("ltsam train: --grad-accum-steps with --deepspeed-config is not supported: the SAM-family "
                          "step goes through DeepSpeed as one whole-batch gradient; run without DeepSpeed (torchrun)")
@@ -181,6 +191,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     dist_utils.barrier()  # the counts file exists before any rank's optimizer reads it
     args.num_classes = args.num_classes or train_set.num_classes
     cli_args.resolve_lr(args, args.world_size)
+    if resume is not None:
+        resume_point.check_config(resume, args)  # before anything is built: a mixed run is refused early
 
     model_kwargs = dict(args.model_kwargs)
     if args.drop is not None:
@@ -213,15 +225,21 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     state = TrainState()
     saver = Saver(model, optimizer, args, model_ema, scheduler, scaler, state, out, args.checkpoint_hist) \
         if primary else None
-    if resume is not None:
-        loaded = load_training_state(resume, model, optimizer, scheduler, scaler, model_ema, saver, args.rank)
-        state.epoch, state.num_updates, state.wall_s = loaded.epoch, loaded.num_updates, loaded.wall_s
-        console.print(f"resumed from '{resume}' at epoch {state.epoch} (update {state.num_updates})")
     forward_model, engine = model, None
     if args.deepspeed_config:
         engine = start_deepspeed(args, model, optimizer)
+        if saver is not None:
+            saver.engine = engine
     elif args.distributed and not sam:
         forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if resume is not None:  # after DeepSpeed starts: its engine loads its own files
+        state = load_training_state(resume, model, optimizer, scheduler, scaler, model_ema, saver, args.rank, engine)
+        if saver is not None:
+            saver.train_state = state
+        changed = "".join(f"; {k} {old!r} -> {new!r} (--resume-override)"
+                          for k, (old, new) in resume.overridden.items())
+        console.print(f"resumed from '{resume.path}' at epoch {state.epoch} (update {state.num_updates}"
+                      f"{f', {state.skip} into the epoch' if state.skip else ''}){changed}")
     ctx = StepContext(forward_model, model, optimizer, criterion, autocast, scaler, args.clip_grad, args.clip_mode,
                       engine, args.grad_accum_steps)
     meter = LongTailAccuracy(counts, (args.many_shot, args.few_shot))
@@ -237,7 +255,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     stop = min(args.stop_epoch or num_epochs, num_epochs)
     earlier_s = state.wall_s  # what earlier attempts trained, as far as their checkpoints carry it
     report = None
-    with progress_bar(primary and not args.no_progress) as progress:
+    with progress_bar(primary and not args.no_progress) as progress, preempt.StopRequest() as stop_request:
         for epoch in range(state.epoch, stop):
             train_data.set_epoch(train_loader, epoch)
             criterion.set_epoch(epoch)
@@ -247,13 +265,18 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
                 rho_scheduler.step(epoch)  # this epoch's radii, from the epoch alone: a resumed run needs no state
             try:
                 train_metrics = train_one_epoch(ctx, train_loader, epoch, state, scheduler, model_ema, progress,
-                                                args.world_size, args.log_interval, device)
+                                                args.world_size, args.log_interval, device, stop_request)
                 if rho_scheduler is not None:
                     train_metrics.update(rho_scheduler.values())  # radius columns in summary.csv
             except NonFiniteLoss as err:
                 last = out / LAST
                 kept = f"the last good checkpoint is '{last}'" if last.is_file() else "no checkpoint was written"
                 raise NonFiniteLoss(f"{err}; {kept}") from None
+            if train_metrics.get("stopped_at", len(train_loader)) < len(train_loader):
+                state.loss_sum, state.wall_s = train_metrics["loss_sum"], earlier_s + time.perf_counter() - start_time
+                write_checkpoint(saver, engine, out, state, epoch, stopped_at=train_metrics["stopped_at"])
+                raise preempt.Preempted(stopped_message(
+                    stop_request, out, f"{train_metrics['stopped_at']} updates into epoch {epoch}", state))
             if args.distributed and args.dist_bn:
                 distribute_bn(model, args.world_size, args.dist_bn == "reduce")
                 if model_ema is not None:
@@ -272,7 +295,6 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
             if scheduler is not None:
                 scheduler.step(epoch + 1, eval_metrics.get("top1"))
             state.epoch = epoch + 1
-            rng = dist_utils.gather_rng_states()  # collective: every rank takes part
             if primary:
                 update_summary(epoch, train_metrics, eval_metrics, str(out / SUMMARY),
                                lr=optimizer.param_groups[0]["lr"])
@@ -280,10 +302,10 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
                     stage = f", stage {optimizer.stage}" if hasattr(optimizer, "stage") else ""
                     console.print(f"epoch {epoch}: loss {train_metrics['loss']:.4f}, "
                                   f"lr {optimizer.param_groups[0]['lr']:.3g}{stage}")
-                saver.pending_rng = rng
                 state.wall_s = earlier_s + time.perf_counter() - start_time
-                saver.save_checkpoint(epoch, metric=eval_metrics.get("top1"))
-            dist_utils.barrier()  # the checkpoint is on disk before any rank can fail in the next epoch
+            write_checkpoint(saver, engine, out, state, epoch, metric=eval_metrics.get("top1"))
+            if epoch + 1 < stop and dist_utils.all_reduce_sum(torch.tensor([stop_request.flag], device=device)).item():
+                raise preempt.Preempted(stopped_message(stop_request, out, f"the end of epoch {epoch}", state))
 
     if report is None:  # resumed a finished run: nothing trained, evaluate what was loaded
         report = evaluate(model, val_loader, meter, False, autocast, device)
@@ -291,6 +313,11 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
         report = evaluate(model, val_loader, meter, True, autocast, device)
     if primary:
         finish(args, out, report, state, stop, num_epochs, earlier_s, time.perf_counter() - start_time, console)
+
+
+def stopped_message(stop_request: preempt.StopRequest, out: Path, at: str, state: TrainState) -> str:
+    return (f"stopped by {stop_request.name} at {at} (update {state.num_updates}); checkpoint '{out / LAST}' "
+            f"written. Exit code {preempt.REQUEUE_EXIT} means 'requeue': rerun with --resume auto to continue")
 
 
 def finish(args: argparse.Namespace, out: Path, report: dict, state: TrainState, stop: int, num_epochs: int,

@@ -1,0 +1,60 @@
+"""Stopping at a signal without losing work: SIGTERM (what SLURM and torchrun send before a kill) or SIGUSR1.
+
+The handler only records the signal. The loop sums the record over ranks together with each update's loss
+(no extra collective), so every rank stops after the same update; the trainer then writes a checkpoint holding
+the position inside the epoch and exits with ``REQUEUE_EXIT``, which ``ltsam-launch``'s SLURM script turns
+into ``scontrol requeue``. The requeued run (``--resume auto``) continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later"; the run stopped cleanly at a signal and can be resumed
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# test-only: the process of rank LTSAM_SIGNAL_RANK (default 0) sends itself SIGTERM right after update
+# LTSAM_SIGNAL_AT_STEP, as SLURM would at that moment
+SIGNAL_ENV = ("LTSAM_SIGNAL_AT_STEP", "LTSAM_SIGNAL_RANK")
+
+
+class Preempted(Exception):
+    """The run stopped at a signal after writing its checkpoint; the message says where and how to go on."""
+
+
+class StopRequest:
+    """Context manager: while inside, SIGTERM / SIGUSR1 are recorded instead of ending the process."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # Python handles signals only there
+            self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
+        self.signum = signum
+
+    @property
+    def flag(self) -> float:
+        """1.0 once a stop signal arrived: summed over ranks with the loss, any rank's signal stops all."""
+        return 0.0 if self.signum is None else 1.0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
+
+
+def maybe_signal(step: int) -> None:
+    """The test hook of ``SIGNAL_ENV``."""
+    at = os.environ.get(SIGNAL_ENV[0])
+    if at is not None and int(at) == step and os.environ.get("RANK", "0") == os.environ.get(SIGNAL_ENV[1], "0"):
+        os.kill(os.getpid(), signal.SIGTERM)
