@@ -1,9 +1,10 @@
-"""``--device-modules ltsam.timm`` against a real timm train.py.
+"""``--device-modules ltsam.timm`` against timm's real, unmodified train.py.
 
-train.py is not in the timm wheel and is not copied here: the tests that need it run when
-``LTSAM_TIMM_TRAIN_PY`` names a checkout of it (``tools/get_timm_train.sh v1.0.28 /tmp/train.py``) and skip
-otherwise. Use a train.py no newer than the installed timm; an older one runs with that timm version first on
-PYTHONPATH (e.g. ``pip install --no-deps --target /tmp/timm1022 timm==1.0.22``).
+train.py is not in the timm wheel and is not copied here: the tests read the copies in
+``../shared/timm-train/<tag>/train.py`` next to the repository (``LTSAM_TIMM_TRAIN_DIR`` overrides the folder;
+``tools/get_timm_train.sh TAG DIR/TAG/train.py`` adds a tag) and run every tag found, each in its own form
+(``task`` from 1.0.23, ``loss_fn`` before), with the installed timm. They skip only when the folder holds no
+train.py, or for a tag newer than the installed timm.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +32,29 @@ from timm.utils import NativeScaler
 from torch import nn
 
 import ltsam
+from ltsam.data.balance import class_probabilities
+from ltsam.data.samplers import ClassAwareSampler
 
 pytestmark = pytest.mark.filterwarnings("ignore:ltsam.timm found no train_one_epoch")
 
-TRAIN_PY = os.environ.get("LTSAM_TIMM_TRAIN_PY")
-needs_train_py = pytest.mark.skipif(
-    not TRAIN_PY, reason="set LTSAM_TIMM_TRAIN_PY=/path/to/timm/train.py (tools/get_timm_train.sh)"
-)
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_DIR = Path(os.environ.get("LTSAM_TIMM_TRAIN_DIR", REPO.parent / "shared" / "timm-train"))
+TRAIN_PYS = {p.parent.name: p for p in sorted(TRAIN_DIR.glob("*/train.py"))}
+NO_TRAIN_PY = (f"no timm train.py copies: {TRAIN_DIR}/<tag>/train.py is absent (set LTSAM_TIMM_TRAIN_DIR, or "
+               "tools/get_timm_train.sh TAG DIR/TAG/train.py)")
+needs_train_py = pytest.mark.skipif(not TRAIN_PYS, reason=NO_TRAIN_PY)
+
+
+def train_py(tag: str) -> Path:
+    """The copy of train.py at ``tag``; skips (by name) a tag newer than the installed timm."""
+    if tag not in TRAIN_PYS:
+        pytest.skip(f"train.py {tag} is absent from {TRAIN_DIR}" if TRAIN_PYS else NO_TRAIN_PY)
+    if version.parse(tag.lstrip("v")) > version.parse(timm.__version__):
+        pytest.skip(f"train.py {tag} is newer than the installed timm {timm.__version__}")
+    return TRAIN_PYS[tag]
+
+
+TAGS = sorted(TRAIN_PYS) or ["v1.0.28", "v1.0.22"]  # the copies CI has; absent ones skip with the reason
 
 
 def test_per_sample_criterion_is_train_pys_loss_before_its_mean():
@@ -56,12 +75,13 @@ def test_per_sample_criterion_is_train_pys_loss_before_its_mean():
 # -- in-process: train.py's own train_one_epoch, hooked, against ltsam's own step ------------------------------
 
 
-@pytest.fixture(scope="module")
-def train_module() -> ModuleType:
+@pytest.fixture(scope="module", params=TAGS)
+def train_module(request) -> ModuleType:
     """train.py imported as a module (its main() does not run), with the hook installed as --device-modules would."""
     import ltsam.timm
 
-    spec = importlib.util.spec_from_file_location("timm_train_py", TRAIN_PY)
+    path = train_py(request.param)
+    spec = importlib.util.spec_from_file_location(f"timm_train_py_{request.param.replace('.', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert ltsam.timm.install(module)
@@ -176,46 +196,113 @@ def test_plain_sgd_passes_through_untouched(train_module):
 # -- end to end: `python train.py --device-modules ltsam.timm --opt ssesam`, then --resume -------------------
 
 
-def _image_folder(root: Path, counts: list[int]) -> None:
+def _image_folder(root: Path, counts: list[int], size: int = 32, val: bool = True) -> None:
     rng = np.random.default_rng(0)
-    for split, per_class in (("train", counts), ("val", [2] * len(counts))):
+    for split, per_class in (("train", counts), ("val", [2] * len(counts)))[:2 if val else 1]:
         for label, n in enumerate(per_class):
             folder = root / split / f"class{label}"
             folder.mkdir(parents=True)
             for i in range(n):
-                pixels = rng.integers(0, 60, (32, 32, 3)) + 50 * label
+                pixels = rng.integers(0, 60, (size, size, 3)) + 50 * label
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
 
 
-def _train_py(cwd: Path, *extra: str) -> str:
+def _train_py(tag: str, cwd: Path, *extra: str, env: dict | None = None, nproc: int = 1,
+              modules: tuple[str, ...] = ("ltsam.timm",), check: bool = True) -> str:
+    """Run the unmodified train.py at ``tag`` (under torchrun with gloo for nproc > 1); returns its output."""
     # timm <= 1.0.28 asks for persistent workers even with --workers 0, which torch >= 2.14 refuses
-    workers = "0" if version.parse(timm.__version__) >= version.parse("1.0.29.dev0") else "1"
-    command = [sys.executable, TRAIN_PY, "--device-modules", "ltsam.timm", "--data-dir", "data",
-               "--train-split", "train", "--val-split", "val", "--model", "resnet10t", "--img-size", "32",
-               "--num-classes", "4", "-b", "8", "--workers", workers, "--device", "cpu", "--lr", "0.05",
-               "--warmup-epochs", "0", "--output", "out", "--opt", "ssesam",
-               "--opt-kwargs", "class_counts=counts.json", "eta=5", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: threads only oversubscribe a shared CPU
+    workers = "0" if version.parse(tag.lstrip("v")) >= version.parse("1.0.29.dev0") else "1"
+    launch = [sys.executable]
+    if nproc > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                   "--master_port", str(port)]
+    command = [*launch, str(train_py(tag)), "--device-modules", *modules, "--data-dir", "data",
+               "--train-split", "train", "--model", "test_resnet", "--num-classes", "4", "--workers", workers,
+               "--device", "cpu", "--lr", "0.05", "--warmup-epochs", "0", "--output", "out", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]), **(env or {})}
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
+    if check:
+        assert done.returncode == 0, output[-3000:]
+    else:
+        assert done.returncode != 0, output[-3000:]
     return output
 
 
-@needs_train_py
-def test_train_py_trains_with_ssesam_and_resumes(tmp_path):
+SSESAM = ["--opt", "ssesam", "--opt-kwargs", "class_counts=counts.json", "eta=5"]
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_train_py_trains_with_ssesam_and_resumes(tmp_path, tag):
     counts = [12, 6, 3, 3]  # 24 images: 3 batches of 8 per epoch; eta=5 makes classes 2 and 3 the tail
     _image_folder(tmp_path / "data", counts)
     ltsam.counts.save_class_counts(counts, tmp_path / "counts.json")
+    common = ["--val-split", "val", "--img-size", "32", "-b", "8", *SSESAM]
 
-    first = _train_py(tmp_path, "--epochs", "1", "--experiment", "first", "--amp", "--amp-dtype", "bfloat16")
+    first = _train_py(tag, tmp_path, *common, "--epochs", "1", "--experiment", "first", "--amp", "--amp-dtype",
+                      "bfloat16")
     assert "ltsam.timm: epoch 0: 3 SSESAM steps" in first
     checkpoint = torch.load(tmp_path / "out" / "first" / "last.pth.tar", weights_only=False)
     assert checkpoint["optimizer"]["ltsam"]["epoch"] == 1
     assert any("momentum_buffer" in s for s in checkpoint["optimizer"]["state"].values())
 
-    resumed = _train_py(tmp_path, "--epochs", "2", "--experiment", "resumed",
+    resumed = _train_py(tag, tmp_path, *common, "--epochs", "2", "--experiment", "resumed",
                         "--resume", str(tmp_path / "out" / "first" / "last.pth.tar"))
     assert "ltsam.timm: epoch 1: 3 SSESAM steps" in resumed and "epoch 0:" not in resumed
     assert torch.load(tmp_path / "out" / "resumed" / "last.pth.tar", weights_only=False)["optimizer"]["ltsam"][
         "epoch"] == 2
+
+
+# -- class-aware sampling in train.py: LTSAM_SAMPLER, realised class frequencies ------------------------------
+
+SAMPLER_COUNTS = [40, 12, 5, 3]  # 60 training images; ImageFolder's labels follow the sorted folder names
+DRAWS = 384  # per epoch over all ranks: 24 batches of 16 in one process, 12 per rank in two
+
+
+def _realised(probe: Path, epoch: int, nproc: int) -> list[list[int]]:
+    return [json.loads((probe / f"labels-{epoch}-{rank}.json").read_text()) for rank in range(nproc)]
+
+
+def _assert_class_frequencies(labels: list[int], mode: str) -> None:
+    """Each class within 4 standard deviations of the sampler's target share of the epoch."""
+    expected = class_probabilities(SAMPLER_COUNTS, mode) * len(labels)
+    observed = np.bincount(labels, minlength=len(SAMPLER_COUNTS))
+    sigma = np.sqrt(expected * (1 - expected / len(labels)))
+    assert (np.abs(observed - expected) <= 4 * sigma).all(), (mode, observed, expected)
+
+
+SAMPLER_RUNS = [("v1.0.28", 1, "balanced"), ("v1.0.28", 2, "sqrt"), ("v1.0.22", 1, "sqrt"), ("v1.0.22", 2, "balanced")]
+
+
+@pytest.mark.parametrize("tag, nproc, mode", SAMPLER_RUNS, ids=[f"{t}-{n}proc-{m}" for t, n, m in SAMPLER_RUNS])
+def test_train_py_samples_classes_as_ltsam_sampler_says(tmp_path, tag, nproc, mode):
+    """Every tag, 1 and 2 processes, balanced and sqrt (pairwise): what train.py trained on, per rank, is the
+    seeded stream of ltsam's sampler (rank r takes draws r, r + R, ...), at the sampler's class frequencies.
+    One-process runs also train SSE-SAM with --cooldown-epochs, its counts from LTSAM_CLASS_COUNTS (an absolute
+    path: a Python syntax error inside train.py <= 1.0.28's --opt-kwargs)."""
+    _image_folder(tmp_path / "data", SAMPLER_COUNTS, size=16, val=False)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    env = {"LTSAM_SAMPLER": mode, "LTSAM_SAMPLER_OPTIONS": f"num_samples={DRAWS}", "LTSAM_PROBE_DIR": str(probe)}
+    extra = ["--val-split", "", "--img-size", "16", "-b", "16", "--epochs", "1", "--seed", "7"]
+    if nproc == 1:  # 3 scheduled epochs: SSE-SAM with gamma 0.5 switches at epoch 2, not at 1 (= 0.5 * --epochs 1)
+        counts = ltsam.counts.save_class_counts(SAMPLER_COUNTS, tmp_path / "counts.json", class_names=[
+            f"class{c}" for c in range(4)])
+        env["LTSAM_CLASS_COUNTS"] = str(counts.resolve())
+        extra += ["--cooldown-epochs", "2", "--opt", "ssesam", "--opt-kwargs", "eta=10", "gamma=0.5"]
+    output = _train_py(tag, tmp_path, *extra, env=env, nproc=nproc, modules=("ltsam.timm", "trainpy_probe"))
+
+    realised = _realised(probe, 0, nproc)
+    labels = np.repeat(np.arange(4), SAMPLER_COUNTS)
+    for rank, seen in enumerate(realised):
+        sampler = ClassAwareSampler(labels, mode, num_samples=DRAWS, num_replicas=nproc, rank=rank, seed=7)
+        assert seen == labels[list(sampler)].tolist(), rank
+    _assert_class_frequencies(sum(realised, []), mode)
+    if nproc == 1:
+        assert [f"epoch {e}: 24 SSESAM steps, stage {s} of 3 epochs" in output for e, s in
+                [(0, 1), (1, 1), (2, 2)]] == [True] * 3, output[-3000:]
+        assert _realised(probe, 1, 1) != realised  # a new stream each epoch

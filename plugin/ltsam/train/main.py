@@ -72,7 +72,8 @@ def prepare_output(args: argparse.Namespace, primary: bool) -> tuple[Path, Path 
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, counts_file: Path) -> torch.optim.Optimizer:
-    """timm's factory with the flags; the SAM family also gets the class counts, epochs and ``--eta``."""
+    """timm's factory with the flags; the SAM family also gets the class counts and ``--eta`` (its epochs: the
+    scheduled total, set in ``train`` once the scheduler has counted them)."""
     kwargs = {**optimizer_kwargs(cfg=args), **args.opt_kwargs}
     try:
         opt_class = get_optimizer_class(args.opt.lower().split("_")[-1], bind_defaults=False)
@@ -81,8 +82,6 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, counts_fil
     sam = isinstance(opt_class, type) and issubclass(opt_class, SAMFamily)
     accepted = {n for klass in opt_class.__mro__[:-2] for n in inspect.signature(klass.__init__).parameters} \
         if sam else set()
-    if sam:
-        kwargs.setdefault("epochs", args.epochs)
     if "class_counts" in accepted:
         kwargs.setdefault("class_counts", str(counts_file))
     if args.eta is not None:
@@ -165,6 +164,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
         if args.model_ema else None
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                 updates_per_epoch=len(train_loader))
+    if sam and "epochs" not in args.opt_kwargs:
+        optimizer.epochs = num_epochs  # SSE-SAM's stage follows the scheduled total: --epochs + --cooldown-epochs
 
     state = TrainState()
     saver = Saver(model, optimizer, args, model_ema, scheduler, scaler, state, out, args.checkpoint_hist) \
