@@ -193,6 +193,146 @@ def test_plain_sgd_passes_through_untouched(train_module):
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+# -- the scheduled total, wrong starts and their messages (in-process, every tag) --------------------------------
+
+
+@pytest.mark.parametrize("num_updates_total", [True, False], ids=["scheduler-total", "flags"])
+def test_ssesam_stage_follows_epochs_plus_cooldown(train_module, num_updates_total):
+    """--epochs 2 --cooldown-epochs 2, gamma 0.5: 4 scheduled epochs, so stage 2 starts at epoch 2, not 1."""
+    model = conv_bn_net()
+    opt = timm.optim.create_optimizer_v2(model, opt="ssesam", lr=0.05, class_counts=CLASS_COUNTS, eta=20, gamma=0.5)
+    data = batches(1)
+    overrides = {"num_updates_total": 4 * len(data)} if num_updates_total else {}
+    if num_updates_total and "num_updates_total" not in inspect.signature(train_module.train_one_epoch).parameters:
+        pytest.skip("this train.py passes no num_updates_total")
+    kwargs = _epoch_kwargs(train_module, model, opt, data, nn.CrossEntropyLoss(),
+                           args={"epochs": 2, "cooldown_epochs": 2}, epoch=1, **overrides)
+    train_module.train_one_epoch(**kwargs)
+    assert opt.epochs == 4
+    opt.set_epoch(1)
+    assert opt.stage == 1
+    opt.set_epoch(2)
+    assert opt.stage == 2
+
+
+def _fresh_train_module(tag: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"unhooked_train_py_{tag.replace('.', '_')}", train_py(tag))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_sam_opt_or_sampler_without_the_hook_names_the_fix(tag, monkeypatch):
+    """What `--device-modules ltsam` (no .timm) leaves behind: train.py's optimizer factory stops with the fix."""
+    module = _fresh_train_module(tag)
+    ltsam.trainpy.guard_train_py(module)  # what `import ltsam` does when train.py is __main__
+    model = conv_bn_net()
+    with pytest.raises(ValueError, match=r"--opt ssesam in timm's train.py .*: add --device-modules ltsam\.timm"):
+        module.create_optimizer_v2(model, opt="ssesam", lr=0.1, class_counts=CLASS_COUNTS)
+    assert isinstance(module.create_optimizer_v2(model, opt="sgd", lr=0.1), torch.optim.SGD)
+    monkeypatch.setenv("LTSAM_SAMPLER", "balanced")
+    with pytest.raises(ValueError, match=r"LTSAM_SAMPLER in timm's train.py .*: add --device-modules ltsam\.timm"):
+        module.create_optimizer_v2(model, opt="sgd", lr=0.1)
+    from ltsam.timm import install
+
+    assert install(module)  # with the hook both start
+    assert isinstance(module.create_optimizer_v2(model, opt="ssesam", lr=0.1, class_counts=CLASS_COUNTS,
+                                                 epochs=2), ltsam.optim.SSESAM)
+
+
+def test_device_modules_ltsam_without_timm_names_the_fix_in_train_py(tmp_path):
+    """The real start-up: `python train.py --device-modules ltsam --opt ssesam` (train.py <= 1.0.22 builds the
+    optimizer before the data, so it stops within seconds)."""
+    output = _train_py("v1.0.22", tmp_path, "--opt", "ssesam", modules=("ltsam",), check=False)
+    assert "ltsam: --opt ssesam in timm's train.py needs ltsam's hook into its training loop: add " \
+           "--device-modules ltsam.timm" in output
+
+
+class _FolderLoader(list):
+    """Batches plus the data set timm built, as train.py's loader exposes it (``loader.dataset``)."""
+
+    def __init__(self, batches, dataset) -> None:
+        super().__init__(batches)
+        self.dataset = dataset
+
+
+FOLDER_COUNTS = [12, 6, 3, 3]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("folder")
+    _image_folder(root, FOLDER_COUNTS, size=8, val=False)
+    return root / "train"
+
+
+@pytest.mark.parametrize("written, message", [
+    (dict(counts=FOLDER_COUNTS, class_names=["class3", "class2", "class1", "class0"]),
+     r"counts file '.*counts\.json' lists 4 classes that do not match the 4 of the training folder '.*': class 0 "
+     r"is 'class3' in the file but 'class0' in the data; counts follow ImageFolder's sorted class-folder order"),
+    (dict(counts=[12, 6, 3]), r"counts file '.*counts\.json' has 3 classes but the training folder '.*' has 4"),
+    (dict(counts=[12, 6, 3, 3, 1]), r"counts file '.*counts\.json' has 5 classes but the training folder '.*' has 4"),
+    (dict(counts=[3, 3, 6, 12]), r"counts file '.*counts\.json' says class 0 \('class0'\) has 3 training images, "
+     r"but the training folder '.*' has 12 \(4 class\(es\) differ\); counts follow ImageFolder's sorted"),
+], ids=["names-in-another-order", "fewer-classes", "more-classes", "another-order"])
+def test_counts_that_do_not_fit_the_data_set_stop_before_the_first_batch(train_module, image_folder, tmp_path,
+                                                                         written, message):
+    from timm.data import create_dataset
+
+    dataset = create_dataset("", root=str(image_folder), is_training=True)
+    written = dict(written)
+    path = ltsam.counts.save_class_counts(written.pop("counts"), tmp_path / "counts.json", **written)
+    model = conv_bn_net(4)
+    opt = train_module.create_optimizer_v2(model, opt="ssesam", lr=0.05, class_counts=str(path), eta=5, epochs=2)
+    data = _FolderLoader(batches(1), dataset)
+    with pytest.raises(ValueError, match=message):
+        train_module.train_one_epoch(**_epoch_kwargs(train_module, model, opt, data, nn.CrossEntropyLoss()))
+    assert opt.epoch == 0
+
+
+def test_counts_that_fit_the_folder_train(train_module, image_folder, tmp_path):
+    from timm.data import create_dataset
+
+    dataset = create_dataset("", root=str(image_folder), is_training=True)
+    path = ltsam.counts.save_class_counts(FOLDER_COUNTS, tmp_path / "counts.json",
+                                          class_names=[f"class{c}" for c in range(4)])
+    model = conv_bn_net(4)
+    opt = train_module.create_optimizer_v2(model, opt="imbsam", lr=0.05, class_counts=str(path), eta=5)
+    x, y = batches(1)[0]
+    train_module.train_one_epoch(**_epoch_kwargs(train_module, model, opt, _FolderLoader([(x, y % 4)], dataset),
+                                                 nn.CrossEntropyLoss()))
+    assert opt.epoch == 1
+
+
+def test_label_beyond_the_counts_names_the_file_at_the_batch(train_module, tmp_path):
+    """A data set that shows no labels up front (here: plain batches): the batch's labels are checked."""
+    path = ltsam.counts.save_class_counts([50, 20, 9, 4, 2], tmp_path / "counts.json")
+    model = conv_bn_net()
+    opt = train_module.create_optimizer_v2(model, opt="focalsam", lr=0.05, class_counts=str(path))
+    with pytest.raises(ValueError, match=r"a batch holds label 9, but the counts file '.*counts\.json' has only 5 "
+                                         r"classes; counts follow ImageFolder's sorted class-folder order"):
+        train_module.train_one_epoch(**_epoch_kwargs(train_module, model, opt, batches(1), nn.CrossEntropyLoss()))
+
+
+def test_class_counts_from_the_environment_any_path(train_module, tmp_path, monkeypatch):
+    """LTSAM_CLASS_COUNTS takes any path on every timm (--opt-kwargs class_counts=/abs/... is a SyntaxError in
+    the option parser of timm < 1.0.30)."""
+    path = ltsam.counts.save_class_counts(CLASS_COUNTS, tmp_path / "counts.json").resolve()
+    monkeypatch.setenv("LTSAM_CLASS_COUNTS", str(path))
+    model = conv_bn_net()
+    opt = train_module.create_optimizer_v2(model, opt="imbsam", lr=0.05)
+    assert opt.class_counts == CLASS_COUNTS and ltsam.trainpy.counts_source(opt) == f"the counts file '{path}'"
+    assert train_module.create_optimizer_v2(model, opt="imbsam", lr=0.05, class_counts=str(path)).class_counts \
+        == CLASS_COUNTS
+    with pytest.raises(ValueError, match=r"class_counts='other\.json' in --opt-kwargs and LTSAM_CLASS_COUNTS="):
+        train_module.create_optimizer_v2(model, opt="imbsam", lr=0.05, class_counts="other.json")
+    if TRAIN_PYS:  # --opt-kwargs: timm >= 1.0.30's parser (ltsam needs >= 1.0.31) takes the plain path too
+        parser = _fresh_train_module(TAGS[0]).parser
+        for form in (str(path), f"'{path}'"):
+            assert parser.parse_args(["--opt-kwargs", f"class_counts={form}"]).opt_kwargs == {"class_counts": str(path)}
+
+
 # -- end to end: `python train.py --device-modules ltsam.timm --opt ssesam`, then --resume -------------------
 
 
