@@ -446,3 +446,37 @@ def test_train_py_samples_classes_as_ltsam_sampler_says(tmp_path, tag, nproc, mo
         assert [f"epoch {e}: 24 SSESAM steps, stage {s} of 3 epochs" in output for e, s in
                 [(0, 1), (1, 1), (2, 2)]] == [True] * 3, output[-3000:]
         assert _realised(probe, 1, 1) != realised  # a new stream each epoch
+
+
+def test_train_py_streams_wds_shards_class_aware(tmp_path):
+    """--dataset wds/ over ltsam's shards: the stream is re-balanced on the .cls label before decoding, and the
+    SAM-family counts are checked against the shards' own class counts."""
+    from ltsam.data.shards import records_from_arrays, write_shards
+
+    labels = np.repeat(np.arange(4), SAMPLER_COUNTS)
+    images = np.random.default_rng(0).integers(0, 255, (len(labels), 16, 16, 3), dtype=np.uint8)
+    write_shards(records_from_arrays(images, labels), tmp_path / "data", split="train", maxcount=16,
+                 show_progress=False)
+    ltsam.counts.save_class_counts(SAMPLER_COUNTS, tmp_path / "counts.json")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    env = {"LTSAM_SAMPLER": "balanced", "LTSAM_SAMPLER_OPTIONS": f"num_samples={DRAWS}",
+           "LTSAM_PROBE_DIR": str(probe)}
+    _train_py("v1.0.28", tmp_path, "--dataset", "wds/lt", "--val-split", "", "--img-size", "16", "-b", "16",
+              "--epochs", "1", "--opt", "imbsam", "--opt-kwargs", "class_counts=counts.json", "eta=10", env=env,
+              modules=("ltsam.timm", "trainpy_probe"))
+    (seen,) = _realised(probe, 0, 1)
+    assert len(seen) == DRAWS
+    _assert_class_frequencies(seen, "balanced")
+
+    from timm.data import create_dataset
+
+    from ltsam.trainpy import SamplerSpec, check_counts, wrap_create_dataset
+
+    dataset = wrap_create_dataset(create_dataset, SamplerSpec("balanced"))(
+        "wds/lt", root=str(tmp_path / "data"), split="train", is_training=True, batch_size=16)
+    for counts, message in [([40, 12, 5], r"class_counts has 3 classes but the shards '.*' \(split train\) has 4"),
+                            ([40, 12, 3, 5], r"class_counts says class 2 has 3 training images, but the shards")]:
+        opt = timm.optim.create_optimizer_v2(conv_bn_net(4), opt="imbsam", lr=0.1, class_counts=counts)
+        with pytest.raises(ValueError, match=message):
+            check_counts(opt, dataset)

@@ -51,16 +51,14 @@ PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 
 
 def install(namespace: ModuleType) -> bool:
-    """Wrap ``namespace.train_one_epoch`` (and ``create_loader`` under ``LTSAM_SAMPLER``) once; returns False
+    """Wrap ``namespace.train_one_epoch`` (and the data factories under ``LTSAM_SAMPLER``) once; returns False
     when the namespace has none."""
     original = getattr(namespace, "train_one_epoch", None)
     if not callable(original):
         return False
     if not getattr(original, _MARKER, False):
         namespace.train_one_epoch = wrap_train_one_epoch(original)
-        spec = trainpy.sampler_spec()
-        if spec is not None and callable(getattr(namespace, "create_loader", None)):
-            namespace.create_loader = trainpy.wrap_create_loader(namespace.create_loader, spec)
+        trainpy.install_sampling(namespace)
     trainpy.guard_train_py(namespace)
     return True
 

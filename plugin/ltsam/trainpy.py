@@ -6,15 +6,17 @@ train.py accepts no unknown flags, so what ``--device-modules ltsam.timm`` adds 
   (``"num_samples=4000 seed=0 epochs=90 threshold=0.001"``, space- or comma-separated), or the same as keys
   ``ltsam_sampler`` / ``ltsam_sampler_options`` (a mapping) in train.py's ``-c`` YAML; the environment wins.
   The training loader is rebuilt around :func:`ltsam.data.samplers.create_sampler` (DDP-aware, seeded by
-  train.py's ``--seed`` unless ``seed=`` is given, epochs of ``progressive`` = the scheduled total).
+  train.py's ``--seed`` unless ``seed=`` is given, epochs of ``progressive`` = the scheduled total); a ``wds/``
+  training set is read by :class:`ltsam.data.stream.ClassAwareReaderWds`, which re-balances the stream on the
+  ``.cls`` label before decoding (shards whose ``_info.json`` carries class counts, as ltsam's writer gives).
 * ``LTSAM_CLASS_COUNTS=/abs/counts.json``: the counts file of a SAM-family optimizer. Any path works here,
-  while ``--opt-kwargs class_counts=/abs/counts.json`` dies in the option parser of train.py <= 1.0.28
+  while ``--opt-kwargs class_counts=/abs/counts.json`` dies in the option parser of timm < 1.0.30
   (``ast.literal_eval`` raises SyntaxError on a leading ``/`` or ``.``, and only ValueError is caught).
 
 Labels come from the data set timm built without decoding an image: ImageFolder / tar readers' ``samples``,
-torchvision data sets' ``targets``. Counts are checked against them (and against class names stored in the
-counts file) before the first batch; where the labels are not visible, every batch's labels are checked
-against the number of classes in the counts file.
+torchvision data sets' ``targets``, the class counts of ltsam's shards. Counts are checked against them (and
+against class names stored in the counts file) before the first batch; where the labels are not visible,
+every batch's labels are checked against the number of classes in the counts file.
 
 ``import ltsam`` (also ``--device-modules ltsam``) calls :func:`guard_train_py`, so that a SAM-family
 ``--opt`` or ``LTSAM_SAMPLER`` without the hook stops at start-up with the fix instead of failing later.
@@ -138,6 +140,7 @@ class DatasetClasses:
     labels: np.ndarray | None  # one label per sample (map-style data sets)
     names: list[str] | None  # class names by index (ImageFolder's sorted folders, torchvision's classes)
     where: str  # how to name the data set in a message
+    counts: list[int] | None = None  # per-class counts where the labels are not listed (shards' _info.json)
 
 
 def dataset_classes(dataset: Any) -> DatasetClasses:
@@ -157,10 +160,25 @@ def dataset_classes(dataset: Any) -> DatasetClasses:
         classes = getattr(dataset, "classes", None)
         return DatasetClasses(np.asarray(targets, dtype=np.int64), list(map(str, classes)) if classes else None,
                               f"the {type(dataset).__name__} training set")
+    layout = getattr(reader, "layout", None)  # ltsam.data.stream.ClassAwareReaderWds
+    if layout is not None:
+        return DatasetClasses(None, None, f"the shards '{layout.root}' (split {layout.split})",
+                              list(layout.class_counts))
     return DatasetClasses(None, None, f"the {type(dataset).__name__} training set")
 
 
 # -- the sampler in train.py's training loader -----------------------------------------------------------------
+
+
+def install_sampling(namespace: ModuleType) -> None:
+    """Under ``LTSAM_SAMPLER`` (or the YAML key): train.py's data factories build class-aware training data."""
+    spec = sampler_spec()
+    if spec is None:
+        return
+    if callable(getattr(namespace, "create_dataset", None)):
+        namespace.create_dataset = wrap_create_dataset(namespace.create_dataset, spec)
+    if callable(getattr(namespace, "create_loader", None)):
+        namespace.create_loader = wrap_create_loader(namespace.create_loader, spec)
 
 
 def wrap_create_loader(original: Callable[..., Any], spec: SamplerSpec) -> Callable[..., Any]:
@@ -173,10 +191,12 @@ def wrap_create_loader(original: Callable[..., Any], spec: SamplerSpec) -> Calla
         if not arguments.get("is_training"):
             return original(*args, **kwargs)
         dataset = arguments["dataset"]
+        if getattr(dataset, "reader", None) in _SAMPLER_SPECS:  # a class-aware wds/ stream: it samples itself
+            return original(*args, **kwargs)
         if isinstance(dataset, IterableDataset):
             raise ValueError(f"ltsam.timm: {ENV_SAMPLER}={spec.name}: the training set is a stream "
                              f"({type(dataset).__name__}), which no index sampler can re-balance; use a folder "
-                             "data set, or ltsam's shards read by `ltsam train --dataset shards --sampler ...`")
+                             "data set or --dataset wds/ shards")
         labels = dataset_classes(dataset).labels
         if labels is None:
             raise ValueError(f"ltsam.timm: {ENV_SAMPLER}={spec.name}: {type(dataset).__name__} shows no labels "
@@ -196,6 +216,43 @@ def wrap_create_loader(original: Callable[..., Any], spec: SamplerSpec) -> Calla
     return create_loader
 
 
+def wrap_create_dataset(original: Callable[..., Any], spec: SamplerSpec) -> Callable[..., Any]:
+    """train.py's ``create_dataset`` with a class-aware ``wds/`` training stream (everything else untouched)."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def create_dataset(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = {**bound.arguments.pop("kwargs", {}), **bound.arguments}
+        if not arguments.get("is_training") or not str(arguments["name"]).startswith("wds/"):
+            return original(*args, **kwargs)
+        from timm.data import IterableImageDataset
+        from timm.data.readers.reader_wds import ReaderWds
+
+        from ltsam.data.balance import MODES
+        from ltsam.data.stream import ClassAwareReaderWds
+
+        if spec.name not in MODES:
+            raise ValueError(f"ltsam.timm: {ENV_SAMPLER}={spec.name} draws by index; a wds/ stream is re-balanced "
+                             f"with one of {', '.join(m for m in MODES if m != 'instance')}")
+        accepted = set(inspect.signature(ReaderWds.__init__).parameters) - {"self", "root", "split", "is_training"}
+        options = {k: v for k, v in arguments.items() if k in accepted and v is not None}
+        options["name"] = str(arguments["name"]).split("/", 1)[1]
+        options.update({k: v for k, v in (("num_samples", spec.num_samples), ("seed", spec.seed)) if v is not None})
+        try:
+            reader = ClassAwareReaderWds(arguments["root"], arguments["split"], mode=spec.name,
+                                         num_epochs=spec.epochs or 1, **options)
+        except (FileNotFoundError, KeyError) as err:
+            raise ValueError(f"ltsam.timm: {ENV_SAMPLER}={spec.name} with --dataset {arguments['name']}: {err}; the "
+                             "class-aware stream needs the shards' _info.json with class counts (`python -m "
+                             "ltsam.data.shards write` writes them)") from err
+        _SAMPLER_SPECS[reader] = spec
+        return IterableImageDataset(arguments["root"], reader=reader, split=arguments["split"], is_training=True)
+
+    return create_dataset
+
+
 def scheduled_epochs(arguments: Mapping[str, Any]) -> int:
     """The epochs train.py will run: its scheduler's total (``--epochs`` + ``--cooldown-epochs`` [+ warmup])."""
     args = arguments["args"]
@@ -209,7 +266,13 @@ def scheduled_epochs(arguments: Mapping[str, Any]) -> int:
 
 def prepare_epoch(arguments: Mapping[str, Any]) -> None:
     """Before each epoch: the ltsam sampler gets train.py's seed, the scheduled total and the epoch."""
-    sampler = getattr(arguments["loader"], "sampler", None)
+    loader = arguments["loader"]
+    reader = getattr(getattr(loader, "dataset", None), "reader", None)
+    if reader is not None and reader in _SAMPLER_SPECS:  # wds/: train.py sets the stream's epoch itself
+        if _SAMPLER_SPECS[reader].epochs is None:
+            reader.class_num_epochs = scheduled_epochs(arguments)
+        return
+    sampler = getattr(loader, "sampler", None)
     spec = _SAMPLER_SPECS.get(sampler) if sampler is not None else None
     if spec is None:
         return
@@ -249,12 +312,15 @@ def check_counts(optimizer: Any, dataset: Any) -> None:
     num_classes = len(data.names) if data.names is not None else None
     if data.labels is not None:
         num_classes = max(num_classes or 0, int(data.labels.max()) + 1)
+    if data.counts is not None:
+        num_classes = len(data.counts)
     if num_classes is not None and num_classes != len(counts):
         raise ValueError(
             f"ltsam.timm: {what} has {len(counts)} classes but {data.where} has {num_classes}; one count per "
             f"class is needed, and {COUNTS_ORDER}")
-    if data.labels is not None:
-        actual = np.bincount(data.labels, minlength=len(counts))
+    actual = np.bincount(data.labels, minlength=len(counts)) if data.labels is not None else data.counts
+    if actual is not None:
+        actual = np.asarray(actual)
         wrong = np.flatnonzero(actual != np.asarray(counts))
         if wrong.size:
             c = int(wrong[0])
