@@ -107,3 +107,21 @@ def test_data_sets_no_index_sampler_can_serve_are_refused():
         create(_Stream(), is_training=True, **LOADER)
     with pytest.raises(ValueError, match=r"LTSAM_SAMPLER=sqrt: list shows no labels without decoding"):
         create([1, 2, 3], is_training=True, **LOADER)
+
+
+def test_the_missing_hook_guard_leaves_other_scripts_alone():
+    """Only timm's train.py (its _parse_args and config_parser) gets the start-up check, not any script that
+    has a train_one_epoch and calls timm's optimizer factory (with its own closure loop)."""
+    import types
+
+    from timm.optim import create_optimizer_v2
+
+    from ltsam.trainpy import guard_train_py
+
+    script = types.ModuleType("script")
+    script.train_one_epoch, script.create_optimizer_v2 = (lambda: None), create_optimizer_v2
+    guard_train_py(script)
+    assert script.create_optimizer_v2 is create_optimizer_v2
+    script._parse_args, script.config_parser = (lambda: None), object()
+    guard_train_py(script)
+    assert script.create_optimizer_v2 is not create_optimizer_v2

@@ -361,9 +361,9 @@ def _at(names: list[str], position: int) -> str:
 
 
 def is_train_py(module: ModuleType | None) -> bool:
-    """A module that looks like timm's train.py: its own train_one_epoch next to timm's optimizer factory."""
-    return module is not None and callable(getattr(module, "train_one_epoch", None)) and \
-        callable(getattr(module, "create_optimizer_v2", None))
+    """A module that looks like timm's train.py: its argument parsing, train_one_epoch and optimizer factory."""
+    return module is not None and all(callable(getattr(module, name, None)) for name in (
+        "_parse_args", "train_one_epoch", "create_optimizer_v2")) and hasattr(module, "config_parser")
 
 
 def guard_train_py(namespace: ModuleType | None) -> None:
