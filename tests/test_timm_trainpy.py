@@ -422,8 +422,8 @@ SAMPLER_RUNS = [("v1.0.28", 1, "balanced"), ("v1.0.28", 2, "sqrt"), ("v1.0.22", 
 def test_train_py_samples_classes_as_ltsam_sampler_says(tmp_path, tag, nproc, mode):
     """Every tag, 1 and 2 processes, balanced and sqrt (pairwise): what train.py trained on, per rank, is the
     seeded stream of ltsam's sampler (rank r takes draws r, r + R, ...), at the sampler's class frequencies.
-    One-process runs also train SSE-SAM with --cooldown-epochs, its counts from LTSAM_CLASS_COUNTS (an absolute
-    path: a Python syntax error inside train.py <= 1.0.28's --opt-kwargs)."""
+    One-process runs also train SSE-SAM with --cooldown-epochs, its counts (with class names, checked against the
+    folders) from LTSAM_CLASS_COUNTS as an absolute path (a SyntaxError in timm < 1.0.30's --opt-kwargs parser)."""
     _image_folder(tmp_path / "data", SAMPLER_COUNTS, size=16, val=False)
     probe = tmp_path / "probe"
     probe.mkdir()
