@@ -44,6 +44,24 @@ def test_each_optimizer_trains_and_writes_its_outputs(tmp_path, opt, extra):
     assert len((folder / "summary.csv").read_text().splitlines()) == 3
 
 
+def test_ssesam_stage_follows_the_scheduled_total_with_cooldown(tmp_path, monkeypatch):
+    """--epochs 1 --cooldown-epochs 2, gamma 0.5: 3 scheduled epochs, so stage 2 from epoch 2 (not from epoch 1,
+    which half of --epochs alone would give)."""
+    from ltsam.optim import SSESAM
+
+    seen = []
+    set_epoch = SSESAM.set_epoch
+
+    def recording_set_epoch(self, epoch):
+        set_epoch(self, epoch)
+        seen.append((epoch, self.epochs, self.stage))
+
+    monkeypatch.setattr(SSESAM, "set_epoch", recording_set_epoch)
+    assert run(tmp_path, "--opt", "ssesam", "--eta", "20", "--opt-kwargs", "gamma=0.5", "--epochs", "1",
+               "--cooldown-epochs", "2") == 0
+    assert seen == [(0, 3, 1), (1, 3, 1), (2, 3, 2)]
+
+
 def test_stop_and_resume_ends_bit_identical(tmp_path):
     """SSE-SAM switching stage mid-run, random crops, class-balanced sampling and EMA: a run stopped after
     one epoch and resumed must end with exactly the weights, EMA, momentum and RNG of one that never stopped."""

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from contextlib import nullcontext
 
 import official
@@ -12,7 +11,7 @@ import pytest
 import torch
 from conftest import CLASS_COUNTS, batches, conv_bn_net
 from test_optim_exact import LR, MOMENTUM, TAIL, WD, assert_same_state, closure_for
-from test_timm_trainpy import train_module  # noqa: F401  (fixture: train.py with the ltsam.timm hook)
+from test_timm_trainpy import needs_train_py, train_module  # noqa: F401  (fixture: train.py with the ltsam.timm hook)
 
 from ltsam.counts import save_class_counts
 from ltsam.losses import create_loss
@@ -181,7 +180,7 @@ def test_rho_sched_with_a_plain_optimizer_is_refused(tmp_path):
         build_radius_scheduler(args, torch.optim.SGD(conv_bn_net().parameters(), lr=0.1))
 
 
-@pytest.mark.skipif(not os.environ.get("LTSAM_TIMM_TRAIN_PY"), reason="set LTSAM_TIMM_TRAIN_PY (as test_timm_trainpy)")
+@needs_train_py
 @pytest.mark.filterwarnings("ignore:ltsam.timm found no train_one_epoch")
 def test_clip_grad_in_timms_train_py_clips_the_same_update_as_ltsam_train(tmp_path, train_module):  # noqa: F811
     """One meaning of --clip-grad: train.py through ltsam.timm and ltsam train make the same clipped SSE-SAM step."""

@@ -19,7 +19,9 @@ the flag's name: mixup/cutmix with imbsam/ssesam/focalsam, ``--naflex-loader``,
 ``--train-img-sizes``, ``--aug-splits``, ``--jsd-loss``, ``--bce-loss``, distillation tasks, Lookahead, and
 ``--torchcompile`` where train.py compiles the whole task (1.0.23-1.0.26).
 ``--grad-accum-steps`` N buffers N loader batches and makes one SAM-family step on them (``micro_batches=N``).
-After each epoch the optimizer's epoch advances (SSE-SAM's stage), and ``epochs`` defaults to ``--epochs``.
+After each epoch the optimizer's epoch advances (SSE-SAM's stage), and ``epochs`` defaults to the scheduled
+total (``--epochs`` + ``--cooldown-epochs``, as train.py's scheduler counts). Class-aware sampling
+(``LTSAM_SAMPLER``), ``LTSAM_CLASS_COUNTS`` and the counts checks: :mod:`ltsam.trainpy`.
 """
 
 from __future__ import annotations
@@ -40,21 +42,25 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor, nn
 
 import ltsam  # noqa: F401  (registers sam, imbsam, ssesam, focalsam in timm's optimizer registry)
+from ltsam import trainpy
 from ltsam.optim import SAMFamily
 
 _logger = logging.getLogger(__name__)
-_MARKER = "_ltsam_hooked"
+_MARKER = trainpy.HOOK_MARKER
 
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 
 
 def install(namespace: ModuleType) -> bool:
-    """Wrap ``namespace.train_one_epoch`` once; returns False when the namespace has none."""
+    """Wrap ``namespace.train_one_epoch`` (and the data factories under ``LTSAM_SAMPLER``) once; returns False
+    when the namespace has none."""
     original = getattr(namespace, "train_one_epoch", None)
     if not callable(original):
         return False
     if not getattr(original, _MARKER, False):
         namespace.train_one_epoch = wrap_train_one_epoch(original)
+        trainpy.install_sampling(namespace)
+    trainpy.guard_train_py(namespace)
     return True
 
 
@@ -67,21 +73,24 @@ def wrap_train_one_epoch(original: Callable[..., Any]) -> Callable[..., Any]:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
+        trainpy.prepare_epoch(arguments)
         optimizer = _sam_optimizer(arguments["optimizer"])
         if optimizer is None:
             return original(*args, **kwargs)
         _refuse_inexact(optimizer, arguments)
         train_args = arguments["args"]
+        trainpy.check_counts(optimizer, getattr(arguments["loader"], "dataset", None))
         if optimizer.epochs is None:
-            optimizer.epochs = train_args.epochs
+            optimizer.epochs = trainpy.scheduled_epochs(arguments)
         optimizer.set_epoch(arguments["epoch"])  # train.py's epoch counter is the truth, also after --resume
+        stage = f", stage {optimizer.stage} of {optimizer.epochs} epochs" if hasattr(optimizer, "stage") else ""
         with _sam_epoch(optimizer, arguments) as step:
             metrics = original(*bound.args, **bound.kwargs)
         optimizer.next_epoch()
         if getattr(train_args, "rank", 0) == 0:
             passes = optimizer.last_passes
             _logger.info(
-                f"ltsam.timm: epoch {arguments['epoch']}: {step.steps} {type(optimizer).__name__} steps "
+                f"ltsam.timm: epoch {arguments['epoch']}: {step.steps} {type(optimizer).__name__} steps{stage} "
                 f"({passes.forward} forward + {passes.backward} backward passes in the last), "
                 f"{step.skipped} skipped by the loss scaler"
             )
@@ -153,6 +162,7 @@ class _HookedStep:
 
     def _gradient(self, input: Tensor, target: Tensor, micro_batches: int) -> Tensor:
         """G of the (accumulated) batch into p.grad; returns its mean loss as a grad-requiring stand-in."""
+        trainpy.check_batch_labels(self.optimizer, target)
         device = input.device.type
         enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 

@@ -88,7 +88,8 @@ def prepare_output(args: argparse.Namespace, primary: bool) -> tuple[Path, resum
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, counts_file: Path) -> torch.optim.Optimizer:
-    """timm's factory with the flags; the SAM family also gets the class counts, epochs and ``--eta``."""
+    """timm's factory with the flags; the SAM family also gets the class counts, ``--eta`` and ``--epochs``
+    (``train`` replaces the epochs by the scheduled total once the scheduler has counted it)."""
     kwargs = {**optimizer_kwargs(cfg=args), **args.opt_kwargs}
     try:
         opt_class = get_optimizer_class(args.opt.lower().split("_")[-1], bind_defaults=False)
@@ -220,6 +221,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                 updates_per_epoch=updates_per_epoch(len(train_loader),
                                                                                     args.grad_accum_steps))
+    if sam and "epochs" not in args.opt_kwargs:
+        optimizer.epochs = num_epochs  # SSE-SAM's stage follows the scheduled total: --epochs + --cooldown-epochs
     rho_scheduler = build_radius_scheduler(args, optimizer)
 
     state = TrainState()
