@@ -9,8 +9,9 @@ from contextlib import nullcontext
 
 import official
 import pytest
+import timm
 import torch
-from conftest import CLASS_COUNTS, batches, conv_bn_net
+from conftest import CLASS_COUNTS, batches, conv_bn_net, conv_gn_net
 from test_optim_exact import LR, MOMENTUM, TAIL, WD, assert_same_state, closure_for
 from test_timm_trainpy import train_module  # noqa: F401  (fixture: train.py with the ltsam.timm hook)
 
@@ -199,3 +200,33 @@ def test_clip_grad_in_timms_train_py_clips_the_same_update_as_ltsam_train(tmp_pa
     for x, y in data:
         train_step(ctx, x, y)
     assert_same_state(hooked, own, tol=1e-6)
+
+
+def test_clip_grad_under_deepspeed_clips_the_same_update_direction(tmp_path):
+    """DeepSpeed's gradient_clipping (from --clip-grad) clips the surrogate gradient, which is G."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ddp_worker import METHODS
+
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           str(here / "deepspeed_clip_worker.py"), str(tmp_path / "ds.pt")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.manual_seed(0)
+    model = conv_gn_net()
+    opt = timm.optim.create_optimizer_v2(model, opt="ssesam", lr=0.05, weight_decay=5e-4,
+                                         **METHODS["ssesam"]).attach(model)
+    for x, y in batches(4):
+        params, update, _ = opt.sam_gradient(closure_for(model, x, y), targets=y)
+        for p, g in zip(params, update):
+            p.grad = g
+        assert float(torch.nn.utils.clip_grad_norm_(params, 0.05)) > 0.05
+        opt.base_optimizer.step()
+    for a, b in zip(model.parameters(), torch.load(tmp_path / "ds.pt", weights_only=True)):
+        assert torch.allclose(a.detach(), b, atol=1e-6), (a - b).abs().max()
