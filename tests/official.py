@@ -35,8 +35,11 @@ def per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return nn.functional.cross_entropy(model(x), y, reduction="none")
 
 
-def sam_step(model, opt, x, y, rho, adaptive=False):
-    """davda54/sam: eps from the mean loss, second forward at w + eps, restore, base step."""
+def sam_step(model, opt, x, y, rho, adaptive=False, bypass_bn=False):
+    """davda54/sam: eps from the mean loss, second forward at w + eps, restore, base step. ``bypass_bn``:
+    davda54's example/utility/bypass_bn.py, BatchNorm momentum 0 during the second forward (nothing else
+    restored: num_batches_tracked counts both forwards)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if bypass_bn else []
     opt.zero_grad()
     per_sample(model, x, y).mean().backward()
     grads = _grads(model)
@@ -49,8 +52,13 @@ def sam_step(model, opt, x, y, rho, adaptive=False):
                 p.add_(e)
     else:
         _perturb(model, grads, rho, 1e-12)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0
     opt.zero_grad()
     per_sample(model, x, y).mean().backward()
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     with torch.no_grad():
         for p, old in zip(model.parameters(), params):
             p.copy_(old)

@@ -1,4 +1,5 @@
-"""Two gloo processes with half batches each give the same update as one process with the whole batch."""
+"""Two gloo processes with half batches each give the same update as one process with the whole batch (also
+with micro-batches, also when one rank has no tail sample), and SyncBatchNorm's replay uses the statistics of both."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 from ddp_worker import METHODS, train
+from torch import nn
 
 HERE = Path(__file__).parent
 
@@ -22,7 +24,19 @@ def test_two_processes_equal_one(tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     distributed = torch.load(out, weights_only=True)
-    for name, kwargs in METHODS.items():
-        single = [p.detach() for p in train(name, kwargs).parameters()]
-        for a, b in zip(single, distributed[name]):
-            assert torch.allclose(a, b, atol=1e-6), f"{name}: {(a - b).abs().max()}"
+    runs = [(name, train(name, kwargs)) for name, kwargs in METHODS.items()]
+    runs.append(("ssesam micro_batches=2, tail on rank 0 only", train("ssesam", METHODS["ssesam"],
+                                                                      tail_in_first_half=True)))
+    for name, single in runs:
+        for a, b in zip(single.parameters(), distributed[name]):
+            assert torch.allclose(a.detach(), b, atol=1e-6), f"{name}: {(a - b).abs().max()}"
+    assert "subset_forward=True with SyncBatchNorm" in distributed["subset with syncbn"]
+    # SyncBatchNorm on 4 + 7 samples replayed twice = two BatchNorm forwards of all 11
+    torch.manual_seed(0)
+    x = torch.randn(11, 4, 3, 3) * 3 + 1
+    for state, momentum in zip(distributed["syncbn"], (None, 0.1)):
+        single = nn.BatchNorm2d(4, momentum=momentum)
+        single(x)
+        single(x)
+        for key, value in single.state_dict().items():
+            assert torch.allclose(value.float(), state[key].float(), atol=1e-6), key

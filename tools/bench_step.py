@@ -1,12 +1,15 @@
-"""Step time and peak memory of each SAM-family method: ltsam vs plain SGD vs the official schedule.
+"""Step time, peak memory and host syncs of each SAM-family method: ltsam vs plain SGD vs the official schedule.
 
 Step times are measured in one process, all variants interleaved round-robin, so load on the machine hits
 them alike and the ratios are side by side; each peak-memory reading comes from a process of its own. The
 official schedules are the plain re-derivations in tests/official.py (full-batch forwards, masks, one
-backward per loss).
+backward per loss). Host syncs per step: on CUDA, every call torch's sync debug mode flags; on CPU, the
+Python-level reads that synchronise on a GPU (``item``, ``tolist``, ``bool``/``float``/``int`` of a tensor,
+``nonzero``, ``cpu``, ``numpy``; boolean-mask indexing inside torch is not seen there).
 
     python tools/bench_step.py                       # CPU: small ResNet-18 (BatchNorm) and ViT-Tiny (LayerNorm)
-    python tools/bench_step.py --device cuda --batch 256 --img 224 --json bench.json
+    python tools/bench_step.py --device cuda --models resnet50-bn vit-s16-ln --img 224 --batch 128 --amp bf16 \
+        --json bench.json                            # the GPU sizes of issue 13
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +39,13 @@ METHODS = {
     "focalsam": ("focalsam", {"rho": 0.2, "gamma": 3.0, "lam": 0.5}, "focalsam_step",
                  {"rho": 0.2, "gamma": 3.0, "lam": 0.5}),
 }
-MODELS = {
+MODELS = {  # "-bn": batch-coupled (every pass full-batch), "-ln": not (passes forward their own samples)
     "resnet18-bn": ("resnet18", {}),
-    "vit-tiny-ln": ("vit_tiny_patch16_224", {"patch_size": 4}),
+    "vit-tiny-ln": ("vit_tiny_patch16_224", {"patch_size": 4}),  # 32 px on CPU: patch 4
+    "resnet50-bn": ("resnet50", {}),
+    "vit-s16-ln": ("vit_small_patch16_224", {}),  # at --img 224
 }
+SYNC_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "cpu", "numpy")
 
 
 def class_counts(tail_classes: int) -> list[int]:
@@ -102,13 +110,13 @@ def build_step(model_key: str, method: str, official: bool, args: argparse.Names
                                                                               device=args.device))
         if name == "focalsam":
             official_kwargs = dict(official_kwargs, class_counts=counts)
-        return lambda: fn(model, opt, x, y, **official_kwargs)
+        return with_amp(lambda: fn(model, opt, x, y, **official_kwargs), args)
     if name == "sgd":
         def sgd_step():
             opt.zero_grad(set_to_none=True)
             criterion().mean().backward()
             opt.step()
-        return sgd_step
+        return with_amp(sgd_step, args)
     if name != "sam":
         kwargs.update(class_counts=counts)
     if name in ("imbsam", "ssesam"):
@@ -117,7 +125,17 @@ def build_step(model_key: str, method: str, official: bool, args: argparse.Names
         kwargs.update(epochs=2, gamma=0.5)
     sam = timm.optim.create_optimizer_v2(model, opt=name, lr=0.01, weight_decay=5e-4, base="momentum", **kwargs)
     sam.attach(model).set_epoch(1 if stage2 else 0)
-    return lambda: sam.step(criterion, targets=y)
+    return with_amp(lambda: sam.step(criterion, targets=y, micro_batches=args.micro_batches), args)
+
+
+def with_amp(step, args: argparse.Namespace):
+    """The step under bf16 autocast (forwards and the backwards within it) when --amp bf16."""
+    import torch
+
+    def run():
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext():
+            step()
+    return run
 
 
 def variants() -> list[tuple[str, bool]]:
@@ -125,8 +143,43 @@ def variants() -> list[tuple[str, bool]]:
             if not (official and method == "sgd")]
 
 
-def time_model(model_key: str, args: argparse.Namespace, progress, task) -> dict:
-    """Median step time of every variant, interleaved round-robin so load on the machine hits all alike."""
+def host_syncs(step, device: str) -> int:
+    """Host syncs of one call of ``step`` (module docstring: how they are counted on CUDA and on CPU)."""
+    import torch
+
+    if device.startswith("cuda"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+                torch.cuda.set_sync_debug_mode("default")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+    count = 0
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_READS}
+
+    def counting(original):
+        def read(*args, **kwargs):
+            nonlocal count
+            count += 1
+            return original(*args, **kwargs)
+        return read
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counting(original))
+        step()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return count
+
+
+def time_model(model_key: str, args: argparse.Namespace, progress, task) -> tuple[dict, dict]:
+    """Median step time of every variant, interleaved round-robin so load on the machine hits all alike, and
+    the host syncs of one step of each (after the warm-up)."""
     import torch
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -134,6 +187,7 @@ def time_model(model_key: str, args: argparse.Namespace, progress, task) -> dict
     for step in steps.values():
         for _ in range(args.warmup):
             step()
+    syncs = {v: host_syncs(step, args.device) for v, step in steps.items()}
     times: dict = {v: [] for v in steps}
     for _ in range(args.steps):
         for v, step in steps.items():
@@ -143,7 +197,7 @@ def time_model(model_key: str, args: argparse.Namespace, progress, task) -> dict
             sync()
             times[v].append(time.perf_counter() - start)
         progress.advance(task)
-    return {v: statistics.median(t) for v, t in times.items()}
+    return {v: statistics.median(t) for v, t in times.items()}, syncs
 
 
 def peak_memory(model_key: str, method: str, official: bool, args: argparse.Namespace) -> int:
@@ -181,9 +235,10 @@ def run_all(args: argparse.Namespace) -> list[dict]:
                 rows.append({"model": model_key, "method": method, "official": official,
                              "peak": int(out.stdout.strip().splitlines()[-1])})
                 progress.advance(mem_task)
-            for (method, official), seconds in time_model(model_key, args, progress, time_task).items():
+            times, syncs = time_model(model_key, args, progress, time_task)
+            for (method, official), seconds in times.items():
                 row = next(r for r in rows if (r["model"], r["method"], r["official"]) == (model_key, method, official))
-                row["time"] = seconds
+                row["time"], row["syncs"] = seconds, syncs[(method, official)]
     return rows
 
 
@@ -200,10 +255,12 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     threads = torch.get_num_threads()
     for model in args.models:
         sgd = find(model, "sgd", False)
-        table = Table(title=f"{model}: batch {args.batch}, {args.img}px, tail share {args.tail_share:.0%}, "
-                            f"{args.device}, {threads} thread(s), median of {args.steps} steps")
+        micro = f", ltsam in {args.micro_batches} micro-batches" if args.micro_batches > 1 else ""
+        table = Table(title=f"{model}: batch {args.batch}, {args.img}px, {args.amp}, tail share "
+                            f"{args.tail_share:.0%}, {args.device}, {threads} thread(s), median of {args.steps} "
+                            f"steps{micro}")
         for col in ("method", "ltsam ms", "official ms", "x SGD", "x official", "peak MB", "mem x SGD",
-                    "mem x official"):
+                    "mem x official", "host syncs ltsam", "host syncs official"):
             table.add_column(col, justify="right" if col != "method" else "left")
         for method in METHODS:
             ours = find(model, method, False)
@@ -213,16 +270,22 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
                 f"{ours['time'] / sgd['time']:.2f}", f"{ours['time'] / off['time']:.2f}" if off else "-",
                 f"{ours['peak'] / 2**20:.0f}", f"{ours['peak'] / max(sgd['peak'], 1):.2f}",
                 f"{ours['peak'] / max(off['peak'], 1):.2f}" if off else "-",
+                str(ours["syncs"]), str(off["syncs"]) if off else "-",
             )
         console.print(table)
-    resnet = [r for r in rows if r["model"] == "resnet18-bn"]
-    vit = [r for r in rows if r["model"] == "vit-tiny-ln"]
-    if resnet:
-        ratio = find("resnet18-bn", "ssesam-stage2", False)["time"] / find("resnet18-bn", "ssesam-stage2", True)["time"]
-        console.print(f"aim: SSE-SAM stage 2 <= 0.70x official on the ResNet: {ratio:.2f}x")
-    if vit:
-        ratio = find("vit-tiny-ln", "ssesam-stage2", False)["time"] / find("vit-tiny-ln", "sgd", False)["time"]
-        console.print(f"aim: SSE-SAM stage 2 <= {1 + args.tail_share + 0.15:.2f}x SGD on the ViT: {ratio:.2f}x")
+    for model in args.models:  # the aims of issue 13 item 4
+        ours = find(model, "ssesam-stage2", False)
+        if model.endswith("-bn"):
+            ratio = ours["time"] / find(model, "ssesam-stage2", True)["time"]
+            console.print(f"aim: SSE-SAM stage 2 <= 0.70x official on {model}: {ratio:.2f}x")
+        else:
+            ratio = ours["time"] / find(model, "sgd", False)["time"]
+            console.print(f"aim: SSE-SAM stage 2 <= {1 + args.tail_share + 0.15:.2f}x SGD on {model}: {ratio:.2f}x")
+        worst = max((r for r in rows if r["model"] == model and not r["official"] and r["method"] != "sgd"),
+                    key=lambda r: r["peak"])
+        sgd_peak = max(find(model, "sgd", False)["peak"], 1)
+        console.print(f"aim: peak memory <= 1.2x SGD on {model}: worst {worst['method']} "
+                      f"{worst['peak'] / sgd_peak:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="bf16: every variant under autocast")
+    parser.add_argument("--micro-batches", type=int, default=1, help="ltsam's steps in this many micro-batches")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); on a shared CPU, 1 keeps small sub-batch "
                              "passes from paying for thread synchronisation with busy cores")

@@ -55,9 +55,11 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[
     return engine, loader, scheduler
 
 
-def step(engine, optimizer: SAMFamily, closure: LossClosure, targets: Tensor | None = None) -> Tensor:
-    """One SAM-family update through a DeepSpeed engine; returns the batch's mean loss."""
-    params, grads, loss = optimizer.sam_gradient(closure, targets)
+def step(engine, optimizer: SAMFamily, closure: LossClosure, targets: Tensor | None = None,
+         micro_batches: int = 1) -> Tensor:
+    """One SAM-family update through a DeepSpeed engine (``micro_batches`` as in ``SAMFamily.step``); returns
+    the batch's mean loss."""
+    params, grads, loss = optimizer.sam_gradient(closure, targets, micro_batches=micro_batches)
     with torch.enable_grad():
         surrogate = sum((p * g.to(p.dtype)).sum() for p, g in zip(params, grads))
     engine.backward(surrogate)

@@ -1,56 +1,181 @@
 """The perturbation engine shared by every SAM-family method.
 
-A method turns (targets, class counts, training progress) into K groups, each with un-perturbed per-sample
-weights ``a``, perturbed weights ``b`` and a radius ``rho`` (``reference/algorithms.md`` §1):
+**Method contract.** A method turns (targets, class counts, training progress) into K groups, each with
+un-perturbed per-sample weights ``a``, perturbed weights ``b`` and a radius (``reference/algorithms.md`` §1):
 
     G = sum_k [ grad(sum_j a_j l_j)(w) + grad(sum_j b_j l_j)(w + rho_k * unit(grad(sum_j b_j l_j)(w))) ]
 
-The engine owns the passes. One forward at w serves every un-perturbed term and every perturbation
-direction (one vector-Jacobian product per distinct weighting); each group with rho > 0 and a sample in
-the batch costs one forward and backward at its perturbed weights. A group that costs no pass still leaves
-the BatchNorm running buffers exactly where the official schedule (per group: a forward at w, then one at
-w + eps) would leave them, by replaying the statistics recorded at w.
+Weights include 1/B of the whole batch; a float weight is that weight for every sample. A radius is the name
+of a param-group field (``"rho"``, ``"head_rho"``) or a fixed number. A new method is one class: declare its
+radii with :meth:`SAMFamily.add_radii` in ``__init__`` and return its groups from :meth:`SAMFamily.groups`.
+
+**Radii live in ``param_groups``.** Every radius a method declares (``rho`` for sam/imbsam/focalsam,
+``head_rho`` and ``tail_rho`` for ssesam) is a key of every param group, set at construction (a group that
+already has the key keeps its value) and of ``defaults`` (so ``add_param_group`` gets it). The engine reads
+them at every step, so ``timm.scheduler`` with ``param_group_field="rho"`` schedules them, and
+``state_dict()`` / ``load_state_dict()`` carry them. If param groups hold different values, each parameter is
+perturbed with its group's radius (the direction's norm stays global). Negative values are refused.
+
+**The pass plan.** Each step first builds a :class:`PassPlan` (:meth:`SAMFamily.plan`): which forwards run
+at w and which weighted gradients (VJPs) each serves, which groups get a perturbed pass and over which
+samples, how many times the BatchNorm statistics recorded at w are replayed before each group, and which
+all-reduces run. Then it executes the plan. One forward at w serves every un-perturbed term and every
+perturbation direction (one VJP per distinct weighting); each group with a positive radius and a sample in
+the batch (on any rank) costs one forward and backward at its perturbed weights. Without batch coupling each
+pass forwards only the samples its weighting touches. ``last_passes`` reports what ran.
+
+**Gradient accumulation (``micro_batches=N``).** The batch's sample indices [0, B) are split into N
+contiguous chunks (``torch.arange(B).tensor_split(N)``); each weighting's gradient at w is accumulated over
+the chunks, each group is perturbed once with the whole batch's direction, and its perturbed gradient is
+accumulated over the chunks. Weights keep 1/B of the whole batch, so N x B/N equals one batch of B exactly
+on a model without batch coupling. With BatchNorm each chunk's forward normalises with that chunk's
+statistics (as in any accumulation); the running buffers then end where the official schedule would leave
+them if each of its full-batch forwards were the N chunk forwards in order (the replay re-applies every
+chunk's statistics recorded at w, in order).
+
+**BatchNorm.** The batch-coupled layers come from an explicit allow-list (``ltsam.optim.batchnorm``: torch
+BatchNorm incl. SyncBatchNorm, timm's BatchNormAct2d / SyncBatchNormAct, EvoNorm2dB0/B1/B2 in training mode);
+the decision is logged once (logger ``ltsam.optim``). ``bn_mode="reference"`` leaves running buffers where
+the official schedule leaves them (replaying the statistics recorded at w for the forwards the engine
+skips); under SyncBatchNorm the replay uses the statistics of all ranks (one all-reduce), as SyncBatchNorm
+itself does, so ``--sync-bn`` stays exact. ``bn_mode="freeze"`` is davda54/sam's bypass: momentum 0 during
+every perturbed forward, ``num_batches_tracked`` still counting it.
+
+**fp16.** With an enabled ``GradScaler`` every backward is scaled by the scaler's scale (a device tensor);
+a step whose gradient is not finite is skipped by ``scaler.step`` and counted in ``skipped_steps``, and the
+engine puts the batch-coupled layers' buffers back exactly as they were before the step (the perturbed
+forward at w + NaN would poison them). Parameters are restored by copy and momentum is untouched.
+
+**DDP.** Gradients taken with ``torch.autograd.grad`` are all-reduced by the engine: one flattened
+all-reduce for all perturbation directions of the step, one for the update G at the end (all-reduce is
+linear, so summing before reducing gives the same G up to float rounding).
+
+**Host syncs.** At most one per step: reading which samples each weighting touches (and the label checks)
+to decide the plan; none when every weight is a float (SAM). Norms, radii, the BN cumulative-average weight
+and the skip counter stay on the device (``skipped_steps`` reads the counter when asked). ``scaler.step``
+itself reads its inf flag, as it does for any optimizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import reduce
 
 import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import SyncBatchNorm
+
+from ltsam.optim.batchnorm import (
+    BatchPolicy,
+    FrozenMomentum,
+    PolicyLog,
+    StatsRecorder,
+    batch_policy,
+    buffers_of,
+    is_distributed,
+)
 
 # closure(index=None) -> per-sample losses; with an index tensor, losses of that subset of the batch only
 LossClosure = Callable[..., Tensor]
+Weights = Tensor | float
 
 BN_MODES = ("reference", "freeze")
+EVERY_SAMPLE = -1  # a pass over the whole (micro-)batch, whatever the weights (batch coupling)
 
 
 @dataclass
 class Group:
     """One perturbation group: weights include 1/B, so the groups' losses add up to the batch loss."""
 
-    unperturbed: Tensor | None
-    perturbed: Tensor
-    rho: float
+    unperturbed: Weights | None
+    perturbed: Weights
+    rho: str | float  # a param-group field ("rho", "head_rho", ...) or a fixed radius
 
 
 @dataclass
 class PassCount:
-    """Forward and backward passes of the last step (a VJP counts as one backward)."""
+    """Forward and backward passes of a step (a VJP counts as one backward), in total and per micro-batch."""
 
     forward: int = 0
     backward: int = 0
+    micro_batches: int = 1
+    forward_per_micro_batch: list[int] = field(default_factory=lambda: [0])
+    backward_per_micro_batch: list[int] = field(default_factory=lambda: [0])
+
+    @classmethod
+    def zero(cls, micro_batches: int) -> PassCount:
+        return cls(0, 0, micro_batches, [0] * micro_batches, [0] * micro_batches)
+
+    def add(self, chunk: int, forward: int = 0, backward: int = 0) -> None:
+        self.forward += forward
+        self.backward += backward
+        self.forward_per_micro_batch[chunk] += forward
+        self.backward_per_micro_batch[chunk] += backward
+
+
+@dataclass
+class Pass:
+    """One forward over samples of one micro-batch and the weighted gradients taken on its graph."""
+
+    chunk: int
+    index: Tensor | None  # the samples it forwards (None: the whole batch)
+    size: int
+    vjps: list[tuple[str, Weights]]  # (accumulator, per-sample weights over the whole batch)
+
+
+@dataclass
+class PerturbedPass:
+    """A group's passes at w + eps: its direction (an accumulator at w), its radius, its forwards."""
+
+    group: int
+    radius: str | float
+    direction: str
+    passes: list[Pass]
+
+
+@dataclass
+class PassPlan:
+    """What one step runs, decided before any pass at w (see the module docstring)."""
+
+    micro_batches: int
+    at_w: list[Pass]
+    groups: list[tuple[int, PerturbedPass | None]]  # per group, in order: BN replays before it, its passes
+    record: bool  # record the batch statistics of the forwards at w, for the replays
+    syncs: list[str] = field(default_factory=list)  # the all-reduces, in order (empty without DDP)
+
+    def counts(self) -> PassCount:
+        """The passes this plan runs, per micro-batch."""
+        count = PassCount.zero(self.micro_batches)
+        for p in self.at_w + [p for _, g in self.groups if g is not None for p in g.passes]:
+            count.add(p.chunk, forward=1, backward=len(p.vjps))
+        return count
+
+    def __str__(self) -> str:
+        def line(p: Pass) -> str:
+            return f"micro-batch {p.chunk}: forward {p.size} samples, VJP {', '.join(s for s, _ in p.vjps)}"
+
+        lines = ["at w (recording BN statistics):" if self.record else "at w:"]
+        lines += ["  " + line(p) for p in self.at_w]
+        for k, (replays, g) in enumerate(self.groups):
+            if replays:
+                lines.append(f"group {k}: replay the BN statistics of the forwards at w x{replays}")
+            if g is not None:
+                lines.append(f"group {k}: perturb along {g.direction} (radius {g.radius!r})")
+                lines += ["  " + line(p) for p in g.passes]
+        lines += [f"all-reduce {s}" for s in self.syncs]
+        return "\n".join(lines)
 
 
 class SAMFamily(torch.optim.Optimizer):
     """Base class of the SAM-family optimizers: wraps any timm optimizer and owns the SAM passes.
 
-    Subclasses implement :meth:`groups`. The base optimizer shares ``param_groups`` and ``state`` with this
-    wrapper, so timm schedulers, ``CheckpointSaver`` and ``state_dict()`` see the base's momentum directly.
+    Subclasses declare their radii (:meth:`add_radii`) and implement :meth:`groups`. The base optimizer
+    shares ``param_groups`` and ``state`` with this wrapper, so timm schedulers, ``CheckpointSaver`` and
+    ``state_dict()`` see the base's momentum and the radii directly.
     """
 
     needs_targets = True
@@ -80,17 +205,23 @@ class SAMFamily(torch.optim.Optimizer):
         super().__init__(self.base_optimizer.param_groups, self.base_optimizer.defaults)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        # the model's own tensors: DeepSpeed's ZeRO later swaps the groups' params for flat partitions
+        # the model's own tensors (DeepSpeed's ZeRO later swaps the groups' params for flat partitions), and
+        # the param group of each, for its radius
         self._model_params = [p for group in self.param_groups for p in group["params"]]
+        self._group_of = [i for i, group in enumerate(self.param_groups) for _ in group["params"]]
         self.defaults.update(base=base, adaptive=adaptive, bn_mode=bn_mode)
+        self.radius_names: tuple[str, ...] = ()
         self.adaptive = adaptive
         self.bn_mode = bn_mode
         self.subset_forward = subset_forward
         self.epochs = epochs
         self.epoch = 0
-        self.skipped_steps = 0
+        self._skipped: Tensor | int = 0
+        self._last_finite: Tensor | None = None
+        self._checks: list[tuple[Tensor, Callable[[], Exception]]] = []
         self.last_passes = PassCount()
         self._model: nn.Module | None = None
+        self._policy_log = PolicyLog()
 
     @classmethod
     def _own_options(cls) -> list[str]:
@@ -107,6 +238,20 @@ class SAMFamily(torch.optim.Optimizer):
         """The method: per-sample weights and radii for this batch, in the official code's group order."""
         raise NotImplementedError
 
+    def add_radii(self, **radii: float) -> None:
+        """Declare the method's radii: keys of every param group (and of ``defaults``), read at every step."""
+        for name, value in radii.items():
+            _check_radius(name, value)
+        self.radius_names += tuple(radii)
+        self.defaults.update(radii)
+        for group in self.param_groups:
+            for name, value in radii.items():
+                group.setdefault(name, value)
+
+    def defer_check(self, bad: Tensor, error: Callable[[], Exception]) -> None:
+        """Raise ``error()`` if the device flag ``bad`` is set; read with the step's one host sync."""
+        self._checks.append((bad, error))
+
     def method_state(self) -> dict:
         """Method-specific state saved with the optimizer (plain numbers only: timm loads weights_only)."""
         return {"epoch": self.epoch, "skipped_steps": self.skipped_steps}
@@ -114,6 +259,15 @@ class SAMFamily(torch.optim.Optimizer):
     def load_method_state(self, state: dict) -> None:
         self.epoch = int(state.get("epoch", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps the loss scaler skipped (a device counter: reading it is a host sync)."""
+        return int(self._skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped = int(value)
 
     # -- training progress -----------------------------------------------------------------------------
     def next_epoch(self) -> None:
@@ -129,7 +283,19 @@ class SAMFamily(torch.optim.Optimizer):
         self._model = model
         return self
 
-    # -- checkpoints -----------------------------------------------------------------------------------
+    # -- parameters and checkpoints --------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the base optimizer; its parameters take part in every later SAM step."""
+        if not hasattr(self, "_model_params"):  # torch.optim.Optimizer.__init__ registering the base's groups
+            super().add_param_group(param_group)
+            return
+        self.base_optimizer.add_param_group(param_group)
+        group = self.base_optimizer.param_groups[-1]
+        for name in self.radius_names:
+            group.setdefault(name, self.defaults[name])
+        self._model_params += group["params"]
+        self._group_of += [len(self.param_groups) - 1] * len(group["params"])
+
     def state_dict(self) -> dict:
         state = self.base_optimizer.state_dict()
         state["ltsam"] = self.method_state()
@@ -141,6 +307,9 @@ class SAMFamily(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        for group in self.param_groups:  # a checkpoint from before radii lived in param groups
+            for name in self.radius_names:
+                group.setdefault(name, self.defaults[name])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -152,20 +321,21 @@ class SAMFamily(torch.optim.Optimizer):
         closure: LossClosure | None = None,
         targets: Tensor | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        micro_batches: int = 1,
     ) -> Tensor:
         """One SAM-family update. Returns the mean loss of the batch at w (detached).
 
         ``closure(index=None)`` runs the model and criterion and returns per-sample losses; given an index
         tensor it returns the losses of those samples only. With a ``GradScaler`` every backward is scaled,
         the summed gradient is unscaled once by ``scaler.step`` and a step with inf/NaN is skipped (and
-        counted in ``skipped_steps``); the engine also calls ``scaler.update()``.
+        counted in ``skipped_steps``); the engine also calls ``scaler.update()``. ``micro_batches=N``
+        accumulates the batch in N chunks with the same update (module docstring).
         """
-        params, total, loss_value = self.sam_gradient(closure, targets, scaler)
+        params, total, loss_value = self.sam_gradient(closure, targets, scaler, micro_batches)
         for p, g in zip(params, total):
             p.grad = g.to(p.dtype)
         if scaler is not None and scaler.is_enabled():
-            if not torch.stack(torch._foreach_norm(total)).isfinite().all():
-                self.skipped_steps += 1
+            self._skipped = self._skipped + self._last_finite.logical_not().long()
             scaler.step(self.base_optimizer)
             scaler.update()
         else:
@@ -178,12 +348,202 @@ class SAMFamily(torch.optim.Optimizer):
         closure: LossClosure | None,
         targets: Tensor | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        micro_batches: int = 1,
     ) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """The method's update direction G for every trainable parameter, without stepping.
 
         Returns (params, G, mean loss). ``step()`` applies G with the base optimizer; a trainer that owns
-        the update (DeepSpeed's engine) applies it itself, e.g. by back-propagating sum(p * G).
+        the update (DeepSpeed's engine, ``ltsam.timm``) applies it itself, e.g. by back-propagating sum(p * G).
         """
+        self._check_call(closure, targets, micro_batches)
+        params = [p for p in self._model_params if p.requires_grad]
+        policy = batch_policy(self._model)
+        self._policy_log(policy, self.subset_forward)
+        coupled = policy.coupled if self.subset_forward is None else not self.subset_forward
+        if not coupled and is_distributed() and any(isinstance(m, SyncBatchNorm) for m in policy.replayable):
+            raise ValueError(
+                "subset_forward=True with SyncBatchNorm under torch.distributed: ranks would run different "
+                "forwards and SyncBatchNorm's all-gather would hang; leave subset_forward unset"
+            )
+        scale = None  # the loss scale stays a device tensor: no host sync
+        if scaler is not None and scaler.is_enabled():  # scale() also initialises a fresh scaler
+            scale = scaler.scale(torch.ones((), device=params[0].device))
+        protected = buffers_of(policy.replayable + policy.coupled_other) if scale is not None else []
+        before = [b.clone() for b in protected]
+        recorder = StatsRecorder(policy.replayable if coupled and self.bn_mode == "reference" else [])
+        self.last_passes = PassCount.zero(micro_batches)
+
+        first = None
+        if targets is None:  # no labels (plain SAM): the batch size comes from the first forward
+            with torch.enable_grad(), recorder:
+                first = self._forward(closure, None, None, chunk=0)
+            batch_size, device = first.shape[0], first.device
+        else:
+            batch_size, device = targets.shape[0], targets.device
+        plan = self._plan(targets, batch_size, micro_batches, device, split=not coupled,
+                          reuse_first=first is not None, replay=bool(recorder.layers))
+        total, loss_value = self._execute(plan, closure, params, scale, first, recorder, policy)
+
+        if scale is not None:  # an overflowing step is skipped: put the BN buffers back as they were
+            self._last_finite = torch.stack(torch._foreach_norm(total, float("inf"))).isfinite().all()
+            for buffer, saved in zip(protected, before):
+                buffer.copy_(torch.where(self._last_finite, buffer, saved))
+        return params, total, loss_value
+
+    def plan(self, targets: Tensor, micro_batches: int = 1) -> PassPlan:
+        """The pass plan of a batch with these labels (what ``step`` would run), for inspection."""
+        policy = batch_policy(self._model) if self._model is not None else BatchPolicy()
+        coupled = policy.coupled if self.subset_forward is None else not self.subset_forward
+        replay = coupled and self.bn_mode == "reference" and bool(policy.replayable)
+        return self._plan(targets, targets.shape[0], micro_batches, targets.device, not coupled, False, replay)
+
+    # -- planning --------------------------------------------------------------------------------------
+    def _plan(self, targets: Tensor | None, batch_size: int, micro_batches: int, device: torch.device,
+              split: bool, reuse_first: bool, replay: bool) -> PassPlan:
+        if micro_batches > batch_size:
+            raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {batch_size}")
+        self._checks = []
+        groups = self.groups(targets, batch_size, device)
+        chunks = _chunk_bounds(batch_size, micro_batches)
+        terms = [g.perturbed for g in groups] + [g.unperturbed for g in groups]
+        support = _Support(terms, chunks, device, self._checks)
+        self._checks = []
+        radii = [self._radii(g.rho) for g in groups]
+        active = [any(r > 0 for r in rs) and support.present(k) for k, rs in enumerate(radii)]
+
+        # at w: one gradient per perturbation direction, one for every un-perturbed term together
+        flat_terms = [(k + len(groups), g.unperturbed) for k, g in enumerate(groups) if g.unperturbed is not None]
+        flat_terms += [(k, g.perturbed) for k, g in enumerate(groups) if not active[k]]
+        at_w = [(f"direction {k}", groups[k].perturbed, 1 << k) for k in range(len(groups)) if active[k]]
+        if flat_terms:
+            bits = reduce(lambda m, t: m | (1 << t[0]), flat_terms, 0)
+            if support.count(bits) > 0:
+                at_w.append(("G", reduce(lambda s, t: s + t[1], flat_terms[1:], flat_terms[0][1]), bits))
+        split_at_w = split and not reuse_first and support.disjoint([bits for _, _, bits in at_w])
+
+        passes = []
+        for c in range(len(chunks)):
+            if split_at_w:
+                passes += [Pass(c, *support.samples(bits, c), [(name, w)]) for name, w, bits in at_w
+                           if support.count(bits, c)]
+            else:
+                passes.append(Pass(c, *support.samples(EVERY_SAMPLE, c), [(name, w) for name, w, _ in at_w]))
+        plan_groups = []
+        for k, group in enumerate(groups):
+            replays = int(k > 0) + int(not active[k]) if replay else 0
+            perturbed = None
+            if active[k]:
+                bits = 1 << k if split else EVERY_SAMPLE
+                perturbed = PerturbedPass(k, group.rho, f"direction {k}", [
+                    Pass(c, *support.samples(bits, c), [("G", group.perturbed)])
+                    for c in range(len(chunks)) if support.count(bits, c)
+                ])
+            plan_groups.append((replays, perturbed))
+        syncs = []
+        if is_distributed():
+            syncs = ([", ".join(p.direction for _, p in plan_groups if p)] if any(active) else []) + ["G"]
+        return PassPlan(micro_batches, passes, plan_groups, record=any(r for r, _ in plan_groups), syncs=syncs)
+
+    def _radii(self, rho: str | float) -> list[float]:
+        """The radius of each param group (a field of the groups, or a fixed number)."""
+        if not isinstance(rho, str):
+            return [float(rho)] * len(self.param_groups)
+        values = []
+        for i, group in enumerate(self.param_groups):
+            if rho not in group:
+                raise KeyError(f"param group {i} has no '{rho}': add groups through the optimizer "
+                               f"(add_param_group) or set group['{rho}']")
+            _check_radius(f"param_groups[{i}]['{rho}']", group[rho])
+            values.append(float(group[rho]))
+        return values
+
+    # -- executing -------------------------------------------------------------------------------------
+    def _execute(self, plan: PassPlan, closure: LossClosure, params: list[Tensor], scale: Tensor | None,
+                 first: Tensor | None, recorder: StatsRecorder, policy: BatchPolicy) -> tuple[list[Tensor], Tensor]:
+        acc: dict[str, list[Tensor]] = {}
+        loss_sum, seen = torch.zeros((), device=params[0].device), 0
+        with recorder if plan.record else contextlib.nullcontext():
+            for p in plan.at_w:
+                losses = first if first is not None else self._forward(closure, p.index, p.size, p.chunk)
+                first = None
+                self._vjps(losses, p, params, scale, acc)
+                loss_sum, seen = loss_sum + losses.detach().float().sum(), seen + p.size
+        # a direction whose samples all sit on other ranks (split passes) is 0 here before the all-reduce
+        directions = [acc.pop(g.direction, None) or _zeros(params) for _, g in plan.groups if g is not None]
+        self._sync(*directions)
+        backup = [p.detach().clone() for p in params] if directions else []
+        frozen = policy.replayable if self.bn_mode == "freeze" else []
+        for replays, group in plan.groups:
+            recorder.replay(replays)
+            if group is None:
+                continue
+            self._perturb(params, directions.pop(0), group.radius)
+            with FrozenMomentum(frozen), torch.enable_grad():
+                for p in group.passes:
+                    self._vjps(self._forward(closure, p.index, p.size, p.chunk), p, params, scale, acc)
+            torch._foreach_copy_(params, backup)
+        total = acc.pop("G", None) or _zeros(params)
+        self._sync(total)
+        return total, loss_sum / max(seen, 1)
+
+    def _forward(self, closure: LossClosure, index: Tensor | None, expected: int | None, chunk: int) -> Tensor:
+        with torch.enable_grad():
+            losses = closure() if index is None else closure(index)
+        if losses.dim() != 1:
+            raise ValueError(
+                f"the closure returned a loss of shape {tuple(losses.shape)}; SAM-family optimizers need "
+                "per-sample losses (use reduction='none')"
+            )
+        if expected is not None and losses.shape[0] != expected:
+            what = "targets" if index is None else "samples of the index it was given"
+            raise ValueError(f"the closure returned {losses.shape[0]} losses for {expected} {what}")
+        self.last_passes.add(chunk, forward=1)
+        return losses
+
+    def _vjps(self, losses: Tensor, p: Pass, params: list[Tensor], scale: Tensor | None,
+              acc: dict[str, list[Tensor]]) -> None:
+        """Each weighted gradient on this forward's graph, added into its accumulator."""
+        for i, (name, weights) in enumerate(p.vjps):
+            if isinstance(weights, Tensor) and p.index is not None:
+                weights = weights[p.index]
+            with torch.enable_grad():
+                objective = (losses.float() * weights).sum()
+                if scale is not None:
+                    objective = objective * scale
+                grads = torch.autograd.grad(objective, params, retain_graph=i < len(p.vjps) - 1, allow_unused=True)
+            self.last_passes.add(p.chunk, backward=1)
+            grads = [torch.zeros_like(q) if g is None else g for q, g in zip(params, grads)]
+            if name in acc:
+                torch._foreach_add_(acc[name], grads)
+            else:
+                acc[name] = grads
+
+    def _perturb(self, params: list[Tensor], direction: list[Tensor], radius: str | float) -> None:
+        """w += rho * g / ||g|| (or the adaptive form); the direction buffers are overwritten with eps."""
+        if self.adaptive:
+            torch._foreach_mul_(direction, torch._foreach_abs(params))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction)).float())
+        if self.adaptive:
+            torch._foreach_mul_(direction, torch._foreach_abs(params))
+        radii = self._radii(radius)
+        trainable = [self._group_of[i] for i, p in enumerate(self._model_params) if p.requires_grad]
+        per_param = [radii[g] for g in trainable]
+        for value in sorted(set(per_param)):  # one multiply when every group has the same radius
+            chosen = [d for d, r in zip(direction, per_param) if r == value]
+            torch._foreach_mul_(chosen, value / (norm + self.perturb_eps))  # on the device: no host sync
+        torch._foreach_add_(params, direction)
+
+    def _sync(self, *grad_lists: list[Tensor]) -> None:
+        """Average gradients over DDP ranks (one flattened all-reduce for all the lists)."""
+        if not is_distributed() or not grad_lists:
+            return
+        grads = [g for grad_list in grad_lists for g in grad_list]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+    def _check_call(self, closure: LossClosure | None, targets: Tensor | None, micro_batches: int) -> None:
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that returns per-sample losses, e.g. "
@@ -197,220 +557,105 @@ class SAMFamily(torch.optim.Optimizer):
                 f"{type(self).__name__} has no model attached: call opt.attach(model) once before training "
                 "(it keeps BatchNorm buffers exact and allows subset forwards)"
             )
-        params = [p for p in self._model_params if p.requires_grad]
-        self.last_passes = PassCount()
-        scale = 1.0
-        if scaler is not None and scaler.is_enabled():  # scale() also initialises a fresh scaler
-            scale = float(scaler.scale(torch.ones((), device=params[0].device)))
-        bn_layers = [m for m in self._model.modules() if isinstance(m, _BatchNorm) and m.training]
-        coupled = bool(bn_layers) if self.subset_forward is None else not self.subset_forward
-        replay = bn_layers if self.bn_mode == "reference" and coupled else []
-
-        first = None
-        if targets is None:  # no labels (plain SAM): the batch size comes from the first forward
-            with torch.enable_grad():
-                first = self._forward(closure, None, record=replay)
-            groups = self.groups(None, first.shape[0], first.device)
-        else:  # the groups follow from the labels alone: decide before any forward
-            groups = self.groups(targets, targets.shape[0], targets.device)
-        active = self._active(groups, groups[0].perturbed.device)
-        if len(groups) == 1 and all(active):
-            replay = []  # the official schedule has no forward at w to replay: record no statistics
-
-        # at w: one gradient per perturbation direction, and one for every un-perturbed term together
-        # (each ``a``, plus the ``b`` of groups that need no perturbed pass)
-        flat = sum(g.unperturbed for g in groups if g.unperturbed is not None) + sum(
-            g.perturbed for g, is_active in zip(groups, active) if not is_active
-        )
-        weightings = [g.perturbed for g, is_active in zip(groups, active) if is_active]
-        has_flat = isinstance(flat, Tensor) and bool(flat.any())
-        if has_flat:
-            weightings.append(flat)
-        grads_at_w, loss_value = self._grads_at_w(closure, first, weightings, params, scale, not coupled, replay)
-        total = grads_at_w.pop() if has_flat else _zeros(params)
-        directions = grads_at_w  # popped one by one, so each is freed once its group is done
-        self._sync(total)
-
-        backup = [p.detach().clone() for p in params] if any(active) else []
-        for index, (group, is_active) in enumerate(zip(groups, active)):
-            if index > 0:
-                self._replay_bn(replay)  # the official schedule re-runs a forward at w per group ...
-            if not is_active:
-                self._replay_bn(replay)  # ... and one at w + 0 when the group has no perturbed pass
-                continue
-            direction = directions.pop(0)
-            self._sync(direction)
-            self._perturb(params, direction, group.rho)
-            grads = self._perturbed_grads(closure, group.perturbed, params, scale, coupled, bn_layers)
-            self._sync(grads)
-            torch._foreach_add_(total, grads)
-            torch._foreach_copy_(params, backup)
-        for m in bn_layers:
-            m.__dict__.pop("_ltsam_stats", None)
-        return params, total, loss_value
-
-    # -- pieces of the step ----------------------------------------------------------------------------
-    def _grads_at_w(self, closure, losses, weightings, params, scale, split, record) -> tuple[list, Tensor]:
-        """Gradients of each weighted loss at w, and the batch's mean loss.
-
-        With batch coupling: one full-batch forward and one VJP per weighting on its graph. Without it, and
-        when the weightings cover disjoint samples (ImbSAM's and SSE-SAM's head and tail), each weighting
-        forwards only its own samples, so the pass at w costs what one plain forward and backward costs.
-        """
-        supports = [w != 0 for w in weightings]
-        disjoint = split and bool(weightings) and not bool((torch.stack(supports).sum(0) > 1).any())
-        if not disjoint:
-            if losses is None:
-                with torch.enable_grad():
-                    losses = self._forward(closure, None, record=record)
-            if weightings and losses.shape[0] != weightings[0].shape[0]:
-                raise ValueError(f"the closure returned {losses.shape[0]} losses for {weightings[0].shape[0]} targets")
-            last = len(weightings) - 1
-            grads = [self._vjp(losses, w, params, scale, keep=i < last) for i, w in enumerate(weightings)]
-            return grads, losses.detach().float().mean()
-        grads, loss_sum, seen = [], 0.0, 0
-        for weights, support in zip(weightings, supports):
-            index = support.nonzero().squeeze(1)
-            if index.numel() == 0:  # another rank holds this weighting's samples
-                grads.append(_zeros(params))
-                continue
-            with torch.enable_grad():
-                part = self._forward(closure, index)
-            grads.append(self._vjp(part, weights[index], params, scale, keep=False))
-            loss_sum, seen = loss_sum + part.detach().float().sum(), seen + index.numel()
-        return grads, loss_sum / max(seen, 1)
-
-    def _forward(self, closure: LossClosure, index: Tensor | None, record=()) -> Tensor:
-        hooks = [m.register_forward_hook(_record_batch_stats) for m in record]
-        try:
-            losses = closure() if index is None else closure(index)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        expected = None if index is None else index.numel()
-        if losses.dim() == 1 and expected is not None and losses.shape[0] != expected:
-            raise ValueError(f"the closure returned {losses.shape[0]} losses for a subset of {expected} samples")
-        if losses.dim() != 1:
+        if not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches!r} must be an integer >= 1")
+        if micro_batches > 1 and targets is None:
             raise ValueError(
-                f"the closure returned a loss of shape {tuple(losses.shape)}; SAM-family optimizers need "
-                "per-sample losses (use reduction='none')"
+                f"micro_batches={micro_batches} needs targets=<labels of the batch> (or any tensor with one "
+                "row per sample): the engine must know the batch size before the first chunk's forward"
             )
-        self.last_passes.forward += 1
-        return losses
-
-    def _vjp(self, losses: Tensor, weights: Tensor, params: list[Tensor], scale: float, keep: bool) -> list[Tensor]:
-        with torch.enable_grad():
-            objective = (losses.float() * weights).sum() * scale
-            grads = torch.autograd.grad(objective, params, retain_graph=keep, allow_unused=True)
-        self.last_passes.backward += 1
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-    def _perturbed_grads(self, closure, weights, params, scale, coupled, bn_layers) -> list[Tensor]:
-        """Gradient of the group's loss at the perturbed weights; only its own samples when exact."""
-        subset = None if coupled else weights.nonzero().squeeze(1)
-        if subset is not None and subset.numel() == 0:
-            return _zeros(params)  # another rank has this group's samples; this one contributes 0
-        with torch.enable_grad(), _FrozenBN(bn_layers if self.bn_mode == "freeze" else []):
-            losses = self._forward(closure, subset)
-        return self._vjp(losses, weights if subset is None else weights[subset], params, scale, keep=False)
-
-    def _active(self, groups: list[Group], device: torch.device) -> list[bool]:
-        """A group needs a perturbed pass when rho > 0 and some rank has a sample with non-zero weight."""
-        flags = torch.tensor([float(g.rho > 0 and bool(g.perturbed.any())) for g in groups], device=device)
-        if _distributed():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return [bool(f) for f in flags.tolist()]
-
-    def _perturb(self, params: list[Tensor], direction: list[Tensor], rho: float) -> None:
-        """w += rho * g / ||g|| (or the adaptive form); the direction buffers are overwritten with eps."""
-        if self.adaptive:
-            torch._foreach_mul_(direction, torch._foreach_abs(params))
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction)).float())
-        if self.adaptive:
-            torch._foreach_mul_(direction, torch._foreach_abs(params))
-        torch._foreach_mul_(direction, rho / (float(norm) + self.perturb_eps))
-        torch._foreach_add_(params, direction)
-
-    def _sync(self, grads: list[Tensor]) -> None:
-        """Average gradients over DDP ranks, so every perturbation uses the global gradient."""
-        if not _distributed():
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    @staticmethod
-    def _replay_bn(layers: list[_BatchNorm]) -> None:
-        """Apply the running-buffer update a skipped forward at w would have made."""
-        for m in layers:
-            stats = getattr(m, "_ltsam_stats", None)
-            if stats is None or not m.track_running_stats:
-                continue
-            mean, var = stats
-            m.num_batches_tracked.add_(1)
-            momentum = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
-            m.running_mean.lerp_(mean.to(m.running_mean.dtype), momentum)
-            m.running_var.lerp_(var.to(m.running_var.dtype), momentum)
 
 
-class _FrozenBN:
-    """Zero BatchNorm momentum during a perturbed pass (davda54/sam's bypass), restoring it afterwards."""
+class _Support:
+    """Which samples each weighting touches (non-zero weight), from one device read per step.
 
-    def __init__(self, layers: list[_BatchNorm]) -> None:
-        self.layers = layers
-        self.saved: list = []
+    Bit t of a sample's code says term t has a non-zero weight for it. Float terms are known on the host;
+    tensor terms are read from the device together with the methods' deferred label checks, and their
+    presence on any rank is all-reduced (one MAX) so every rank runs the same plan.
+    """
 
-    def __enter__(self) -> None:
-        self.saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-                      for m in self.layers]
-        for m in self.layers:
-            m.momentum = 0.0
+    def __init__(self, terms: list[Weights | None], chunks: list[tuple[int, int]], device: torch.device,
+                 checks: list[tuple[Tensor, Callable[[], Exception]]]) -> None:
+        self.chunks = chunks
+        size = chunks[-1][1]
+        self.host_bits = sum(1 << t for t, w in enumerate(terms) if isinstance(w, float | int) and w != 0)
+        tensors = [(t, w) for t, w in enumerate(terms) if isinstance(w, Tensor)]
+        self.device_code: Tensor | None = None
+        self.anywhere = self.host_bits
+        codes = [0] * size
+        if tensors or checks:
+            code = torch.zeros(size, dtype=torch.long, device=device)
+            for t, w in tensors:
+                code |= (w != 0).long() << t
+            present = torch.stack([(w != 0).any() for _, w in tensors]).long() if tensors else code[:0]
+            if is_distributed() and tensors:
+                dist.all_reduce(present, op=dist.ReduceOp.MAX)
+            bad = torch.stack([flag for flag, _ in checks]).long() if checks else code[:0]
+            values = torch.cat([present, bad, code]).tolist()  # the step's one host sync
+            for (_, error), is_bad in zip(checks, values[len(tensors): len(tensors) + len(checks)]):
+                if is_bad:
+                    raise error()
+            self.anywhere |= sum(1 << t for (t, _), p in zip(tensors, values) if p)
+            codes = values[len(tensors) + len(checks):]
+            self.device_code = code
+        self.codes = [c | self.host_bits for c in codes]
 
-    def __exit__(self, *exc) -> None:
-        for m, (momentum, tracked) in zip(self.layers, self.saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
+    def present(self, term: int) -> bool:
+        """Term has a non-zero weight for some sample on some rank."""
+        return bool(self.anywhere >> term & 1)
 
+    def count(self, bits: int, chunk: int | None = None) -> int:
+        start, end = (0, self.chunks[-1][1]) if chunk is None else self.chunks[chunk]
+        if bits == EVERY_SAMPLE or bits & self.host_bits:
+            return end - start
+        return sum(1 for c in self.codes[start:end] if c & bits)
 
-def _record_batch_stats(module: _BatchNorm, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-    """Forward hook: keep the batch mean and unbiased variance BatchNorm used to update its buffers."""
-    x = inputs[0].detach().float()
-    dims = [d for d in range(x.dim()) if d != 1]
-    count = x.numel() // x.shape[1]
-    mean = x.mean(dims)
-    var = x.var(dims, unbiased=False) * (count / max(count - 1, 1))
-    module._ltsam_stats = (mean, var)
+    def disjoint(self, masks: list[int]) -> bool:
+        return all(sum(1 for m in masks if c & m) <= 1 for c in self.codes)
+
+    def samples(self, bits: int, chunk: int) -> tuple[Tensor | None, int]:
+        """The sample indices of the chunk where ``bits`` has weight (None: the whole batch), and how many."""
+        start, end = self.chunks[chunk]
+        count = self.count(bits, chunk)
+        device = self.device_code.device if self.device_code is not None else None
+        if count == end - start:
+            if len(self.chunks) == 1:
+                return None, count
+            return torch.arange(start, end, device=device), count
+        # the selected samples in order, found on the device without a sync (count is known on the host)
+        selected = (self.device_code[start:end] & bits) != 0
+        return start + torch.argsort(selected.logical_not().to(torch.uint8), stable=True)[:count], count
 
 
 def _zeros(params: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) for p in params]
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _chunk_bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of each of ``torch.arange(size).tensor_split(parts)``, computed on the host."""
+    small, extra = divmod(size, parts)
+    ends = [(i + 1) * small + min(i + 1, extra) for i in range(parts)]
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _check_radius(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name}={value!r} must be a number >= 0 (the perturbation radius)")
 
 
 from ltsam_common.names import SAM_METHODS as _SAM_NAMES  # noqa: E402  (the one list of method names)
 
 
-def tail_mask(counts: list[int], eta: float) -> Tensor:
-    """Classes with fewer than ``eta`` training samples form the tail (as in ImbSAM and SSE-SAM)."""
-    return torch.tensor([c < eta for c in counts], dtype=torch.bool)
-
-
-def check_targets(targets: Tensor, num_classes: int) -> None:
-    """Labels outside [0, C) would index the class tables silently wrong: refuse them with the value."""
+def check_targets(targets: Tensor, num_classes: int) -> Tensor:
+    """Labels as class indices; returns a device flag for labels outside [0, C) (no host sync here)."""
     if targets.dtype.is_floating_point or targets.dim() != 1:
         raise ValueError(
             f"targets must be a 1-d tensor of class indices, got {targets.dtype} of shape {tuple(targets.shape)} "
             "(soft/mixup targets cannot be split into head and tail)"
         )
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-        bad = targets[(targets < 0) | (targets >= num_classes)][0].item()
-        raise ValueError(f"target {bad} is out of range for {num_classes} classes (class_counts has {num_classes})")
+    return ((targets < 0) | (targets >= num_classes)).any()
 
+
+def out_of_range(targets: Tensor, num_classes: int) -> ValueError:
+    bad = targets[(targets < 0) | (targets >= num_classes)][0].item()
+    return ValueError(f"target {bad} is out of range for {num_classes} classes (class_counts has {num_classes})")

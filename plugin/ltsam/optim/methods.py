@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ltsam.counts import CountsLike, load_class_counts
-from ltsam.optim.engine import Group, SAMFamily, check_targets
+from ltsam.optim.engine import Group, SAMFamily, check_targets, out_of_range
 
 
 class SAM(SAMFamily):
@@ -15,16 +15,14 @@ class SAM(SAMFamily):
     needs_targets = False
 
     def __init__(self, params, rho: float = 0.05, adaptive: bool = False, **kwargs) -> None:
-        _check_radius(rho=rho)
         super().__init__(params, adaptive=adaptive, **kwargs)
-        self.rho = rho
-        self.defaults.update(rho=rho)
+        self.add_radii(rho=rho)
 
     def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
-        return [Group(None, torch.full((batch_size,), 1.0 / batch_size, device=device), self.rho)]
+        return [Group(None, 1.0 / batch_size, "rho")]  # a float weight: every sample, no device read
 
 
-class _ClassAware(SAMFamily):
+class ClassAware(SAMFamily):
     """A method that reads per-class training counts (a list or a JSON file)."""
 
     def __init__(self, params, class_counts: CountsLike | None = None, **kwargs) -> None:
@@ -38,16 +36,18 @@ class _ClassAware(SAMFamily):
         self.num_classes = len(self.class_counts)
 
     def _class_table(self, values: list[float] | Tensor, targets: Tensor) -> Tensor:
-        """Per-sample value of a per-class table, after checking the labels against it."""
-        check_targets(targets, self.num_classes)
+        """Per-sample value of a per-class table; labels outside the table are refused by the engine's one
+        host read of the step (indexing with them is clamped meanwhile, so no device assert fires first)."""
+        bad = check_targets(targets, self.num_classes)
+        self.defer_check(bad, lambda: out_of_range(targets, self.num_classes))
         table = torch.as_tensor(values, dtype=torch.float32, device=targets.device)
-        return table[targets]
+        return table[targets.clamp(0, self.num_classes - 1)]
 
     def _tail(self, eta: float, targets: Tensor) -> Tensor:
         return self._class_table([float(c < eta) for c in self.class_counts], targets)
 
 
-class ImbSAM(_ClassAware):
+class ImbSAM(ClassAware):
     """ImbSAM (Zhou et al., ICCV 2023): SAM on the tail classes only, head trained at w.
 
     G = grad L_head(w) + tail_weight * grad L_tail(w + eps_tail); both losses are sums over their samples
@@ -58,17 +58,17 @@ class ImbSAM(_ClassAware):
 
     def __init__(self, params, class_counts: CountsLike | None = None, rho: float = 0.05, eta: float = 20,
                  tail_weight: float = 2.0, **kwargs) -> None:
-        _check_radius(rho=rho)
         super().__init__(params, class_counts=class_counts, **kwargs)
-        self.rho, self.eta, self.tail_weight = rho, eta, tail_weight
-        self.defaults.update(rho=rho, eta=eta, tail_weight=tail_weight)
+        self.add_radii(rho=rho)
+        self.eta, self.tail_weight = eta, tail_weight
+        self.defaults.update(eta=eta, tail_weight=tail_weight)
 
     def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
         tail = self._tail(self.eta, targets) / batch_size
-        return [Group(1.0 / batch_size - tail, self.tail_weight * tail, self.rho)]
+        return [Group(1.0 / batch_size - tail, self.tail_weight * tail, "rho")]
 
 
-class SSESAM(_ClassAware):
+class SSESAM(ClassAware):
     """SSE-SAM (AAAI 2025): head and tail each perturbed with their own radius.
 
     Stage 1 perturbs both groups; after ``gamma`` of the ``epochs`` the head radius drops to 0 (stage 2),
@@ -80,12 +80,12 @@ class SSESAM(_ClassAware):
     def __init__(self, params, class_counts: CountsLike | None = None, head_rho: float = 0.05,
                  tail_rho: float = 0.1, gamma: float = 0.7, eta: float = 100, epochs: int | None = None,
                  **kwargs) -> None:
-        _check_radius(head_rho=head_rho, tail_rho=tail_rho)
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"SSESAM gamma={gamma} is the fraction of training in stage 1; it must lie in [0, 1]")
         super().__init__(params, class_counts=class_counts, epochs=epochs, **kwargs)
-        self.head_rho, self.tail_rho, self.gamma, self.eta = head_rho, tail_rho, gamma, eta
-        self.defaults.update(head_rho=head_rho, tail_rho=tail_rho, gamma=gamma, eta=eta)
+        self.add_radii(head_rho=head_rho, tail_rho=tail_rho)
+        self.gamma, self.eta = gamma, eta
+        self.defaults.update(gamma=gamma, eta=eta)
 
     @property
     def stage(self) -> int:
@@ -99,11 +99,11 @@ class SSESAM(_ClassAware):
 
     def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
         tail = self._tail(self.eta, targets) / batch_size
-        head_rho = self.head_rho if self.stage == 1 else 0.0
-        return [Group(None, 1.0 / batch_size - tail, head_rho), Group(None, tail, self.tail_rho)]
+        head_rho = "head_rho" if self.stage == 1 else 0.0
+        return [Group(None, 1.0 / batch_size - tail, head_rho), Group(None, tail, "tail_rho")]
 
 
-class FocalSAM(_ClassAware):
+class FocalSAM(ClassAware):
     """Focal-SAM (ICML 2025): per-sample sharpness weight c_y = lam * (1 - pi_y) ** gamma.
 
     G = grad[L - L_c](w) + grad L_c(w + eps) with L_c = sum_j c_{y_j} l_j / B and eps along grad L_c.
@@ -112,19 +112,14 @@ class FocalSAM(_ClassAware):
 
     def __init__(self, params, class_counts: CountsLike | None = None, rho: float = 0.2, gamma: float = 3.0,
                  lam: float = 0.5, **kwargs) -> None:
-        _check_radius(rho=rho)
         super().__init__(params, class_counts=class_counts, **kwargs)
-        self.rho, self.gamma, self.lam = rho, gamma, lam
-        self.defaults.update(rho=rho, gamma=gamma, lam=lam)
+        self.add_radii(rho=rho)
+        self.gamma, self.lam = gamma, lam
+        self.defaults.update(gamma=gamma, lam=lam)
         total = sum(self.class_counts)
         self.sharpness_weights = [lam * (1.0 - n / total) ** gamma for n in self.class_counts]
 
     def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
         c = self._class_table(self.sharpness_weights, targets) / batch_size
-        return [Group(1.0 / batch_size - c, c, self.rho)]
+        return [Group(1.0 / batch_size - c, c, "rho")]
 
-
-def _check_radius(**radii: float) -> None:
-    for name, value in radii.items():
-        if not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name}={value!r} must be a number >= 0 (the perturbation radius)")
