@@ -230,3 +230,52 @@ def test_clip_grad_under_deepspeed_clips_the_same_update_direction(tmp_path):
         opt.base_optimizer.step()
     for a, b in zip(model.parameters(), torch.load(tmp_path / "ds.pt", weights_only=True)):
         assert torch.allclose(a.detach(), b, atol=1e-6), (a - b).abs().max()
+
+
+SCHEDULED = {
+    "focalsam": (["--opt-kwargs", "base=momentum", "rho=0.1", "gamma=3.2", "lam=0.8"],
+                 lambda ref, opt, x, y, scale: official.focalsam_step(ref, opt, x, y, class_counts=CLASS_COUNTS,
+                                                                      rho=0.1 * scale, gamma=3.2, lam=0.8)),
+    "ssesam": (["--eta", "20", "--opt-kwargs", "base=momentum", "head_rho=0.05", "tail_rho=0.1", "gamma=1.0"],
+               lambda ref, opt, x, y, scale: official.ssesam_step(ref, opt, x, y, tail_classes=TAIL,
+                                                                  head_rho=0.05 * scale, tail_rho=0.1 * scale)),
+}
+
+
+@pytest.mark.parametrize("method", SCHEDULED)
+def test_scheduled_radius_equals_a_re_derivation_with_that_radius_per_step(tmp_path, method):
+    """--rho-sched multistep, milestone 2, rate 2: every radius doubles from the 0-based epoch 1 on."""
+    from ltsam.train.main import build_radius_scheduler
+
+    torch.manual_seed(3)
+    ours = conv_bn_net()
+    ref = copy.deepcopy(ours)
+    flags, official_step = SCHEDULED[method]
+    schedule_flags = ["--rho-sched", "multistep", "--rho-decay-milestones", "2", "--rho-decay-rate", "2"]
+    args, optimizer, ctx = trainer(tmp_path, ours, "--opt", method, *flags, "--wd-profile", "official", "--epochs",
+                                   "3", *schedule_flags)
+    schedule = build_radius_scheduler(args, optimizer)
+    reference = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    data = batches(6)
+    for epoch in range(3):
+        optimizer.set_epoch(epoch)
+        schedule.step(epoch)
+        for x, y in data[2 * epoch: 2 * epoch + 2]:
+            train_step(ctx, x, y)
+            official_step(ref, reference, x, y, 2.0 if epoch >= 1 else 1.0)
+    assert_same_state(ours, ref)
+
+
+def test_rho_sched_end_to_end_writes_the_radii_and_resumes_them(tmp_path, one_thread):
+    """ltsam train on the embedded digits: the radius of each epoch in summary.csv, also across a resume."""
+    import csv
+
+    from ltsam.train import main as train_main
+
+    flags = ["--n-max", "60", "-b", "32", "--epochs", "3", "--no-progress", "--output", str(tmp_path),
+             "--experiment", "run", "--opt", "focalsam", "--opt-kwargs", "rho=0.1", "--rho-sched", "multistep",
+             "--rho-decay-milestones", "2", "--rho-decay-rate", "2"]
+    assert train_main([*flags, "--stop-epoch", "1"]) == 0
+    assert train_main([*flags, "--resume", "auto"]) == 0
+    rows = list(csv.DictReader((tmp_path / "run" / "summary.csv").open()))
+    assert [float(r["train_rho"]) for r in rows] == pytest.approx([0.1, 0.2, 0.2])
