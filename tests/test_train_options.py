@@ -122,12 +122,13 @@ def test_clip_grad_with_a_grad_scaler_clips_the_unscaled_direction(tmp_path):
 
 
 def _radius_groups(**fields: float) -> torch.optim.Optimizer:
-    """A plain SGD whose param groups carry radius fields, as the SAM family's do (two groups, one with
-    timm's layer-decay lr_scale, which must not scale a radius)."""
+    """A plain SGD whose param groups carry radius fields and that names them, as the SAM family's do (two
+    groups, one with timm's layer-decay lr_scale, which must not scale a radius)."""
     params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
     opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr_scale": 0.5}], lr=0.3)
     for group in opt.param_groups:
         group.update(fields)
+    opt.radius_names = tuple(fields)
     return opt
 
 
