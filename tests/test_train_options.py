@@ -57,6 +57,15 @@ def test_official_wd_profile_decays_every_parameter_as_the_official_code(tmp_pat
     assert bias_gap > 1e-5  # timm's profile leaves 1-d parameters undecayed: a different update
 
 
+def test_filter_bias_and_bn_false_is_the_official_decay_for_train_py_and_plain_loops():
+    """What the README shows (and train.py's --opt-kwargs filter_bias_and_bn=False does): every parameter of a
+    model without a no_weight_decay() list is decayed, as ltsam train's --wd-profile official decays it."""
+    model = conv_bn_net()
+    opt = timm.optim.create_optimizer_v2(model, opt="ssesam", lr=LR, weight_decay=WD, class_counts=CLASS_COUNTS,
+                                         filter_bias_and_bn=False)
+    assert [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [(len(list(model.parameters())), WD)]
+
+
 def test_official_wd_profile_refuses_a_competing_grouping(tmp_path):
     with pytest.raises(SystemExit, match="filter_bias_and_bn groups parameters, --wd-profile official"):
         trainer(tmp_path, conv_bn_net(), "--wd-profile", "official", "--opt-kwargs", "filter_bias_and_bn=True")
