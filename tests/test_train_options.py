@@ -8,8 +8,9 @@ from contextlib import nullcontext
 
 import official
 import pytest
+import timm
 import torch
-from conftest import CLASS_COUNTS, batches, conv_bn_net
+from conftest import CLASS_COUNTS, batches, conv_bn_net, conv_gn_net
 from test_optim_exact import LR, MOMENTUM, TAIL, WD, assert_same_state, closure_for
 from test_timm_trainpy import needs_train_py, train_module  # noqa: F401  (fixture: train.py with the ltsam.timm hook)
 
@@ -53,6 +54,15 @@ def test_official_wd_profile_decays_every_parameter_as_the_official_code(tmp_pat
     bias_gap = max((a - b).abs().max() for a, b in zip(timm_grouped.parameters(), ref.parameters())
                    if a.dim() == 1)
     assert bias_gap > 1e-5  # timm's profile leaves 1-d parameters undecayed: a different update
+
+
+def test_filter_bias_and_bn_false_is_the_official_decay_for_train_py_and_plain_loops():
+    """What the README shows (and train.py's --opt-kwargs filter_bias_and_bn=False does): every parameter of a
+    model without a no_weight_decay() list is decayed, as ltsam train's --wd-profile official decays it."""
+    model = conv_bn_net()
+    opt = timm.optim.create_optimizer_v2(model, opt="ssesam", lr=LR, weight_decay=WD, class_counts=CLASS_COUNTS,
+                                         filter_bias_and_bn=False)
+    assert [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [(len(list(model.parameters())), WD)]
 
 
 def test_official_wd_profile_refuses_a_competing_grouping(tmp_path):
@@ -120,12 +130,13 @@ def test_clip_grad_with_a_grad_scaler_clips_the_unscaled_direction(tmp_path):
 
 
 def _radius_groups(**fields: float) -> torch.optim.Optimizer:
-    """A plain SGD whose param groups carry radius fields, as the SAM family's do (two groups, one with
-    timm's layer-decay lr_scale, which must not scale a radius)."""
+    """A plain SGD whose param groups carry radius fields and that names them, as the SAM family's do (two
+    groups, one with timm's layer-decay lr_scale, which must not scale a radius)."""
     params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
     opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr_scale": 0.5}], lr=0.3)
     for group in opt.param_groups:
         group.update(fields)
+    opt.radius_names = tuple(fields)
     return opt
 
 
@@ -198,3 +209,82 @@ def test_clip_grad_in_timms_train_py_clips_the_same_update_as_ltsam_train(tmp_pa
     for x, y in data:
         train_step(ctx, x, y)
     assert_same_state(hooked, own, tol=1e-6)
+
+
+def test_clip_grad_under_deepspeed_clips_the_same_update_direction(tmp_path):
+    """DeepSpeed's gradient_clipping (from --clip-grad) clips the surrogate gradient, which is G."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ddp_worker import METHODS
+
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           str(here / "deepspeed_clip_worker.py"), str(tmp_path / "ds.pt")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.manual_seed(0)
+    model = conv_gn_net()
+    opt = timm.optim.create_optimizer_v2(model, opt="ssesam", lr=0.05, weight_decay=5e-4,
+                                         **METHODS["ssesam"]).attach(model)
+    for x, y in batches(4):
+        params, update, _ = opt.sam_gradient(closure_for(model, x, y), targets=y)
+        for p, g in zip(params, update):
+            p.grad = g
+        assert float(torch.nn.utils.clip_grad_norm_(params, 0.05)) > 0.05
+        opt.base_optimizer.step()
+    for a, b in zip(model.parameters(), torch.load(tmp_path / "ds.pt", weights_only=True)):
+        assert torch.allclose(a.detach(), b, atol=1e-6), (a - b).abs().max()
+
+
+SCHEDULED = {
+    "focalsam": (["--opt-kwargs", "base=momentum", "rho=0.1", "gamma=3.2", "lam=0.8"],
+                 lambda ref, opt, x, y, scale: official.focalsam_step(ref, opt, x, y, class_counts=CLASS_COUNTS,
+                                                                      rho=0.1 * scale, gamma=3.2, lam=0.8)),
+    "ssesam": (["--eta", "20", "--opt-kwargs", "base=momentum", "head_rho=0.05", "tail_rho=0.1", "gamma=1.0"],
+               lambda ref, opt, x, y, scale: official.ssesam_step(ref, opt, x, y, tail_classes=TAIL,
+                                                                  head_rho=0.05 * scale, tail_rho=0.1 * scale)),
+}
+
+
+@pytest.mark.parametrize("method", SCHEDULED)
+def test_scheduled_radius_equals_a_re_derivation_with_that_radius_per_step(tmp_path, method):
+    """--rho-sched multistep, milestone 2, rate 2: every radius doubles from the 0-based epoch 1 on."""
+    from ltsam.train.main import build_radius_scheduler
+
+    torch.manual_seed(3)
+    ours = conv_bn_net()
+    ref = copy.deepcopy(ours)
+    flags, official_step = SCHEDULED[method]
+    schedule_flags = ["--rho-sched", "multistep", "--rho-decay-milestones", "2", "--rho-decay-rate", "2"]
+    args, optimizer, ctx = trainer(tmp_path, ours, "--opt", method, *flags, "--wd-profile", "official", "--epochs",
+                                   "3", *schedule_flags)
+    schedule = build_radius_scheduler(args, optimizer)
+    reference = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    data = batches(6)
+    for epoch in range(3):
+        optimizer.set_epoch(epoch)
+        schedule.step(epoch)
+        for x, y in data[2 * epoch: 2 * epoch + 2]:
+            train_step(ctx, x, y)
+            official_step(ref, reference, x, y, 2.0 if epoch >= 1 else 1.0)
+    assert_same_state(ours, ref)
+
+
+def test_rho_sched_end_to_end_writes_the_radii_and_resumes_them(tmp_path, one_thread):
+    """ltsam train on the embedded digits: the radius of each epoch in summary.csv, also across a resume."""
+    import csv
+
+    from ltsam.train import main as train_main
+
+    flags = ["--n-max", "60", "-b", "32", "--epochs", "3", "--no-progress", "--output", str(tmp_path),
+             "--experiment", "run", "--opt", "focalsam", "--opt-kwargs", "rho=0.1", "--rho-sched", "multistep",
+             "--rho-decay-milestones", "2", "--rho-decay-rate", "2"]
+    assert train_main([*flags, "--stop-epoch", "1"]) == 0
+    assert train_main([*flags, "--resume", "auto"]) == 0
+    rows = list(csv.DictReader((tmp_path / "run" / "summary.csv").open()))
+    assert [float(r["train_rho"]) for r in rows] == pytest.approx([0.1, 0.2, 0.2])

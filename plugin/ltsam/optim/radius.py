@@ -1,11 +1,12 @@
 """Radius schedules: timm's epoch schedulers driving the SAM-family radii that live in ``param_groups``.
 
-Every param group of a SAM-family optimizer carries its radius fields (``rho``; SSE-SAM ``head_rho`` and
-``tail_rho``) and the engine reads them at every step, so a timm scheduler built with
-``param_group_field=<field>`` schedules a radius exactly as it schedules the learning rate: step, multi-step
-or cosine, in epochs. timm's LR scheduler classes hand ``"lr"`` to their base class; :class:`_RadiusField`
-sits between them and ``timm.scheduler.Scheduler`` in the method resolution order and hands on the radius
-field instead (and ignores layer decay's ``lr_scale``, which multiplies learning rates, not radii).
+Every param group of a SAM-family optimizer carries its radius fields (``optimizer.radius_names``: ``rho``;
+SSE-SAM ``head_rho`` and ``tail_rho``; a new method's own) and the engine reads them at every step, so a timm
+scheduler built with ``param_group_field=<field>`` schedules a radius exactly as it schedules the learning
+rate: step, multi-step or cosine, in epochs. timm's LR scheduler classes hand ``"lr"`` to their base class;
+:class:`_RadiusField` sits between them and ``timm.scheduler.Scheduler`` in the method resolution order and
+hands on the radius field instead (and ignores layer decay's ``lr_scale``, which multiplies learning rates,
+not radii).
 
 Focal-SAM's ImageNet-LT schedule (rho 0.1, then 0.2 from the epoch with ``epoch + 1 >= 0.8 * epochs``) is
 ``multistep`` with milestone ``0.8 * epochs`` and rate 2: timm applies milestone m from the 0-based epoch m - 1.
@@ -19,7 +20,6 @@ import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
-RADIUS_FIELDS = ("rho", "head_rho", "tail_rho")
 SCHEDULES = ("none", "step", "multistep", "cosine")
 
 
@@ -59,11 +59,6 @@ class RadiusScheduler:
         return {s.param_group_field: float(group[s.param_group_field]) for s in self.schedulers}
 
 
-def radius_fields(optimizer: torch.optim.Optimizer) -> list[str]:
-    """The radius fields every param group of ``optimizer`` carries (none for a plain optimizer)."""
-    return [f for f in RADIUS_FIELDS if all(f in group for group in optimizer.param_groups)]
-
-
 def create_radius_scheduler(optimizer: torch.optim.Optimizer, sched: str = "none", epochs: int | None = None,
                             decay_epochs: float | None = None, decay_milestones: Sequence[int] = (),
                             decay_rate: float = 0.1, min_rho: float = 0.0) -> RadiusScheduler | None:
@@ -74,10 +69,10 @@ def create_radius_scheduler(optimizer: torch.optim.Optimizer, sched: str = "none
         raise ValueError(f"rho_sched={sched!r} is not one of {', '.join(SCHEDULES)}")
     if sched == "none":
         return None
-    fields = radius_fields(optimizer)
+    fields = getattr(optimizer, "radius_names", ())  # the radii a SAM-family method declared (add_radii)
     if not fields:
-        raise ValueError(f"rho_sched={sched} schedules SAM-family radii (param_groups {', '.join(RADIUS_FIELDS)}); "
-                         f"{type(optimizer).__name__} has none")
+        raise ValueError(f"rho_sched={sched} schedules SAM-family radii (param group fields such as rho, head_rho, "
+                         f"tail_rho); {type(optimizer).__name__} has none")
     if sched == "step" and not (decay_epochs and decay_epochs > 0):
         raise ValueError(f"rho_sched=step needs rho_decay_epochs > 0 (got {decay_epochs})")
     if sched == "multistep" and not decay_milestones:
