@@ -8,7 +8,7 @@ from launch import backends, recipe, schema
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "yaml"
-ENV = {"TIMM_TRAIN_PY": "/opt/timm/train.py", "RDZV_HOST": "node0"}
+ENV = {"TIMM_TRAIN_PY": "/opt/timm/train.py", "CLASS_COUNTS": "/opt/lt/counts.json", "RDZV_HOST": "node0"}
 
 
 def planned(path: str | Path, *overrides: str, env: dict[str, str] | None = None) -> backends.Plan:
