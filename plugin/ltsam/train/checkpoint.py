@@ -84,7 +84,6 @@ class Saver(CheckpointSaver):
             state["metric"] = metric
         torch.save(state, save_path)
 
-
     def save_position(self, position: dict) -> None:
         """A checkpoint inside epoch ``position["epoch"]``: ``last`` only (atomically), no ranked copy."""
         self.position = position
