@@ -290,7 +290,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["resnet18-bn", "vit-tiny-ln"], choices=list(MODELS),
+                        help="resnet50-bn and vit-s16-ln are the GPU sizes (with --img 224)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--img", type=int, default=32)
     parser.add_argument("--tail-share", type=float, default=0.2, help="share of tail samples in each batch")
