@@ -123,14 +123,12 @@ def test_rejected_samples_are_not_decoded(lt_root, monkeypatch):
     assert len(list(ds)) == 800 and len(decoded) == 800
 
 
-def test_corrupt_sample_is_skipped_and_counted(tmp_path, caplog):
+def test_writer_refuses_bytes_that_are_no_image(tmp_path):
     images, labels = lt_arrays()
     records = records_from_arrays(images, labels)
     records[5] = (records[5][0], b"\xff\xd8\xff not a jpeg", records[5][2])
-    write_shards(records, tmp_path, maxcount=40, show_progress=False)
-    ds = StreamingDataset(tmp_path, batch_size=8)
-    assert len(list(ds)) == len(ds)
-    assert ds.num_skipped >= 1 and "skipping a corrupt sample" in caplog.text
+    with pytest.raises(ValueError, match="record '0000005': the bytes are not a readable image"):
+        write_shards(records, tmp_path, maxcount=40, show_progress=False)
 
 
 def test_missing_shard_and_too_few_shards_fail_at_build(tmp_path):
