@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,40 @@ def test_two_ranks_two_workers_disjoint_and_equal_batches(lt_root):
                 )
     assert nbatches[0] == nbatches[1]
     assert len({r for r in readers.values()}) == 4
-    assert len(readers) > 0.75 * sum(LT_COUNTS)
+    # a full pass: each of the 4 readers leaves out less than one batch of its slice
+    assert len(readers) > sum(LT_COUNTS) - 4 * 8
+
+
+def test_instance_epochs_are_full_passes_with_uneven_shards(tmp_path):
+    # log2 bucketing gives shards of very different sizes (4 to 37 samples); 4 readers still read equal slices
+    write_lt(tmp_path, min_shards_per_group=1)
+    lengths = ShardLayout.load(tmp_path).lengths
+    assert max(lengths) > 8 * min(lengths)
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            batches, _ = run_epoch(tmp_path, rank, 2, 2, epoch=epoch)
+            seen += torch.cat(batches)[:, 0].tolist()
+        assert len(seen) == len(set(seen)) > sum(LT_COUNTS) - 4 * 8
+
+
+@pytest.mark.parametrize("mode", ["balanced", "sqrt"])
+def test_undersampled_bucket_coverage_matches_independent_draws(lt_root, mode):
+    """Over E epochs every bucket has at least the share of its images drawn that independent draws at the
+    same class frequencies would give, the head buckets that the mode under-samples included; the class
+    frequencies stay on target. 4 readers (4 ranks here, as 2 ranks x 2 workers), one data pass an epoch."""
+    layout = ShardLayout.load(lt_root)
+    drawn = []
+    for rank in range(4):
+        ds = StreamingDataset(lt_root, mode=mode, batch_size=1, rank=rank, world_size=4, seed=3)
+        for epoch in range(2):
+            ds.set_epoch(epoch)
+            drawn += list(itertools.islice(iter(ds.source), ds.quota))  # what __iter__ decodes
+    coverage = stream.bucket_coverage(layout, drawn)
+    for bucket, (share, independent) in coverage.items():
+        assert share >= independent - 0.02, (bucket, share, independent)
+    assert coverage[max(coverage)][1] < 0.8  # the head really is under-sampled: the check above has teeth
+    assert total_variation([int(s["cls"]) for s in drawn], class_probabilities(LT_COUNTS, mode)) < TV_TOLERANCE
 
 
 @pytest.mark.parametrize("group_by", ["log2", "none"])
@@ -153,6 +187,16 @@ def test_wids_random_access(lt_root):
     for i in np.random.default_rng(0).choice(len(ds), 50):
         ident, label = ds[int(i)]
         assert label == ds.targets[i] == ident[1]
+
+
+def test_wids_loads_the_class_index_written_with_the_shards(lt_root, monkeypatch):
+    from ltsam.data import wids_access
+
+    monkeypatch.setattr(wids_access, "class_index", lambda *a: pytest.fail("per-class index rebuilt"))
+    ds = ShardIndexDataset(lt_root)
+    for label in range(len(LT_COUNTS)):
+        np.testing.assert_array_equal(ds.same_class(label), np.flatnonzero(ds.targets == label))
+    assert ds.lru_size == len(ShardLayout.load(lt_root).urls)  # every shard stays open
 
 
 def test_wids_exact_class_aware_sampling_over_two_ranks(lt_root):

@@ -23,9 +23,13 @@ readers are "global workers" ``g = rank * num_workers + worker``.
   ``u_b + R * C_b(e) + g * L_b(e)`` (mod the bucket's size), with ``L_b(e)`` the samples a reader is
   expected to read from bucket b in epoch e, ``C_b(e) = sum_{e' < e} L_b(e')`` and ``u_b`` a seeded random
   offset. The readers' arcs therefore tile the bucket's cycle, epoch after epoch: over E epochs a bucket
-  read T times in all has ``min(1, T / n_b)`` of its images drawn, up to the random overshoot at the arc
-  ends, where independent draws give ``1 - exp(-T / n_b)``; the share ever drawn is never below the
-  independent one (``tests/test_stream.py::test_undersampled_bucket_coverage_matches_independent_draws``).
+  read T times in all has ``min(1, T / n_b)`` of its images read (up to the random overshoot at the arc
+  ends), where independent draws reach ``1 - exp(-T / n_b)``. A read image is drawn unless its class's
+  emission rate rejects it (rates lie within about 0.5-2 inside a log2 bucket) or the shuffle buffer still
+  holds it when the epoch ends (``StreamingDataset`` keeps that buffer at an eighth of the quota). So the
+  share of a bucket ever drawn is at least the independent draws' share: measured by
+  ``tests/test_stream.py::test_undersampled_bucket_coverage_matches_independent_draws`` and
+  ``tools/bench_stream.py``.
 """
 
 from __future__ import annotations
@@ -357,6 +361,26 @@ class ClassAwareSource(IterableDataset):
         yield from _shuffle(self.shuffle_size, worker_seed)(mixed)
 
 
+def bucket_coverage(layout: ShardLayout, drawn: list[dict]) -> dict[int, tuple[float, float]]:
+    """Per bucket: (share of its images drawn at least once, the share that independent draws at the same
+    per-class draw counts give in expectation, ``sum_c n_bc (1 - (1 - 1/n_c)^d_c) / n_b``).
+
+    ``drawn`` holds the undecoded samples drawn (``__shard__`` and ``__key__`` identify an image).
+    """
+    unique: dict[int, set[tuple[int, str]]] = {}
+    draws = np.zeros(len(layout.class_counts))
+    for sample in drawn:
+        unique.setdefault(layout.buckets[sample["__shard__"]], set()).add((sample["__shard__"], sample["__key__"]))
+        draws[int(sample["cls"])] += 1
+    n = np.asarray(layout.class_counts, dtype=np.float64)
+    hit = 1.0 - np.power(1.0 - np.divide(1.0, n, out=np.zeros_like(n), where=n > 0), draws)
+    sizes = layout.bucket_sizes()
+    return {
+        b: (len(unique.get(b, ())) / sizes[b], float((nbc * hit).sum() / sizes[b]))
+        for b, nbc in sorted(layout.bucket_class_counts().items())
+    }
+
+
 def decode_sample(sample: dict) -> tuple[Image.Image, int]:
     """PIL RGB image and int label of an undecoded sample."""
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
@@ -415,6 +439,9 @@ class StreamingDataset(IterableDataset):
                 f"{total} samples per epoch over {self.readers} readers is less than one batch of {batch_size} "
                 "each"
             )
+        # the class-aware stream is already mixed per sample: a buffer of an eighth of the quota decorrelates
+        # batches, and keeps the reads the epoch's end leaves unused (and so the images never drawn) small
+        mixed_shuffle = min(shuffle_size, max(batch_size, self.quota // 8))
         self.source = ClassAwareSource(
             self.layout,
             self.mode,
@@ -422,8 +449,8 @@ class StreamingDataset(IterableDataset):
             seed=seed,
             rank=self.rank,
             world_size=self.world_size,
-            reads_per_epoch=expected_reads(self.quota, shuffle_size),
-            shuffle_size=shuffle_size,
+            reads_per_epoch=expected_reads(self.quota, mixed_shuffle),
+            shuffle_size=mixed_shuffle,
             epoch=self.epoch,
             reader=self.reader,
         )
