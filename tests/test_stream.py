@@ -110,6 +110,23 @@ def test_undersampled_bucket_coverage_matches_independent_draws(lt_root, mode):
     assert total_variation([int(s["cls"]) for s in drawn], class_probabilities(LT_COUNTS, mode)) < TV_TOLERANCE
 
 
+def test_persistent_workers_repeat_an_epoch_exactly(lt_root):
+    """Workers reseed from (seed, epoch, rank, worker) each epoch: epoch 1 of persistent workers (which ran
+    epoch 0 before) equals epoch 1 of fresh ones, random augmentation included, as a resumed run needs."""
+
+    def noisy(img: Image.Image) -> torch.Tensor:
+        return torch.cat([identify(img).double(), torch.rand(1, dtype=torch.float64)])
+
+    ds = StreamingDataset(lt_root, mode="sqrt", batch_size=8, num_workers=2, transform=noisy, samples_per_epoch=160)
+    persistent = DataLoader(ds, batch_size=8, num_workers=2, persistent_workers=True)
+    epochs = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        epochs.append(torch.cat([x for x, _ in persistent]))
+    fresh = torch.cat([x for x, _ in DataLoader(ds, batch_size=8, num_workers=2)])
+    assert torch.equal(fresh, epochs[1]) and not torch.equal(epochs[0], epochs[1])
+
+
 @pytest.mark.parametrize("group_by", ["log2", "none"])
 def test_mixing_plan_is_exact(tmp_path, group_by):
     images, labels = lt_arrays()
