@@ -103,7 +103,7 @@ def test_undersampled_bucket_coverage_matches_independent_draws(lt_root, mode):
         for epoch in range(2):
             ds.set_epoch(epoch)
             drawn += list(itertools.islice(iter(ds.source), ds.quota))  # what __iter__ decodes
-    coverage = stream.bucket_coverage(layout, drawn)
+    coverage = stream.bucket_coverage(layout, stream.DrawCounts.of(layout, drawn))
     for bucket, (share, independent) in coverage.items():
         assert share >= independent - 0.02, (bucket, share, independent)
     assert coverage[max(coverage)][1] < 0.8  # the head really is under-sampled: the check above has teeth

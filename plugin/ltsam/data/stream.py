@@ -41,7 +41,7 @@ import logging
 import os
 import random
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -148,10 +148,17 @@ class ShardLayout:
         return out
 
 
+MIN_EMISSION = 0.25  # a bucket emits at least this many samples per sample read
+
+
 def mixing_plan(layout: ShardLayout, mode: str, progress: float = 0.0) -> tuple[dict[int, float], np.ndarray]:
     """Bucket probabilities P_b and per-(bucket, class) emission rates realising ``class_probabilities``.
 
-    Rates are scaled so each bucket emits one sample per sample read on average; returns ({bucket: P_b},
+    Within a bucket only the rates' ratios matter; they are scaled so the largest is 1: a read sample is
+    emitted at most once (no duplicates, so every draw is a distinct read), at the price of reading up to
+    twice per emission in a log2 bucket. A layout whose classes differ more inside a bucket (``group_by
+    none``) would read too much for each emission: there the rates are scaled up until a bucket emits
+    ``MIN_EMISSION`` samples per read, duplicating its rarest classes. Returns ({bucket: P_b},
     rates[bucket_index, class]) with bucket_index following the sorted bucket ids.
     """
     target = class_probabilities(layout.class_counts, mode, progress)
@@ -161,10 +168,18 @@ def mixing_plan(layout: ShardLayout, mode: str, progress: float = 0.0) -> tuple[
     buckets = sorted(nbc)
     mass = np.array([(nbc[b] * per_class).sum() for b in buckets])
     probs = {b: float(m / mass.sum()) for b, m in zip(buckets, mass)}
-    rates = np.stack(
-        [per_class * nbc[b].sum() / m if m > 0 else per_class * 0 for b, m in zip(buckets, mass)]
-    )
+    rates = np.zeros((len(buckets), len(n)))
+    for i, (b, m) in enumerate(zip(buckets, mass)):
+        if m > 0:
+            present = per_class * (nbc[b] > 0)
+            rates[i] = per_class / max(present.max(), MIN_EMISSION * m / nbc[b].sum())
     return probs, rates
+
+
+def emission_per_read(layout: ShardLayout, rates: np.ndarray) -> dict[int, float]:
+    """Per bucket, samples emitted per sample read (the mean rate over its samples)."""
+    nbc = layout.bucket_class_counts()
+    return {b: float((nbc[b] * r).sum() / nbc[b].sum()) for b, r in zip(sorted(nbc), rates)}
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -257,6 +272,9 @@ class ShardReader:
             offset = 0
 
 
+TILED_ARC = 64  # expected reads per reader and epoch from which a bucket's arcs are tiled rather than random
+
+
 def _emit(src: Iterator[dict], rates: list[float], rng: random.Random) -> Iterator[dict]:
     """Repeat-factor stage on the undecoded sample: emit it floor(r) + Bernoulli(frac r) times.
 
@@ -323,21 +341,34 @@ class ClassAwareSource(IterableDataset):
     def progress(self, epoch: int) -> float:
         return min(1.0, epoch / max(1, self.num_epochs - 1))
 
+    def bucket_reads(self, epoch: int, readers: int) -> dict[int, float]:
+        """Samples one reader is expected to read from each bucket in ``epoch``: L_b(e) = P_b(e) x emitted
+        samples / emissions per read."""
+        emitted = self.reads_per_epoch or max(1, self.layout.num_samples // readers)
+        probs, rates = mixing_plan(self.layout, self.mode, self.progress(epoch))
+        efficiency = emission_per_read(self.layout, rates)
+        return {b: p * emitted / efficiency[b] if p > 0 else 0.0 for b, p in probs.items()}
+
     def bucket_starts(self, epoch: int, reader: int, readers: int) -> dict[int, int]:
-        """Where ``reader`` of ``readers`` starts reading each bucket's cycle in ``epoch`` (module docstring)."""
-        reads = self.reads_per_epoch or max(1, self.layout.num_samples // readers)
+        """Where ``reader`` of ``readers`` starts reading each bucket's cycle in ``epoch`` (module docstring):
+        tiled after the arcs of all readers and earlier epochs where an arc is long, at random where short."""
         sizes = self.layout.bucket_sizes()
-        past = dict.fromkeys(sizes, 0.0)
-        for earlier in range(epoch if self.mode == "progressive" else 0):
-            for b, p in mixing_plan(self.layout, self.mode, self.progress(earlier))[0].items():
-                past[b] += p * reads
-        probs = mixing_plan(self.layout, self.mode, self.progress(epoch))[0]
-        if self.mode != "progressive":
-            past = {b: epoch * p * reads for b, p in probs.items()}
+        now = self.bucket_reads(epoch, readers)
+        if self.mode == "progressive":
+            past = dict.fromkeys(sizes, 0.0)
+            for earlier in range(epoch):
+                for b, length in self.bucket_reads(earlier, readers).items():
+                    past[b] += length
+        else:
+            past = {b: epoch * length for b, length in now.items()}
         starts = {}
-        for b, p in probs.items():
-            base = random.Random(wds.utils.make_seed(self.seed, b)).randrange(sizes[b])
-            starts[b] = int(base + readers * past[b] + reader * p * reads) % sizes[b]
+        for b, length in now.items():
+            if length >= TILED_ARC:
+                base = random.Random(wds.utils.make_seed(self.seed, b)).randrange(sizes[b])
+                starts[b] = int(base + readers * past[b] + reader * length) % sizes[b]
+            else:  # a random base each epoch, the readers spread evenly from it
+                base = random.Random(wds.utils.make_seed(self.seed, epoch, b)).randrange(sizes[b])
+                starts[b] = (base + reader * sizes[b] // readers) % sizes[b]
         return starts
 
     def __iter__(self) -> Iterator[dict]:
@@ -361,22 +392,32 @@ class ClassAwareSource(IterableDataset):
         yield from _shuffle(self.shuffle_size, worker_seed)(mixed)
 
 
-def bucket_coverage(layout: ShardLayout, drawn: list[dict]) -> dict[int, tuple[float, float]]:
-    """Per bucket: (share of its images drawn at least once, the share that independent draws at the same
-    per-class draw counts give in expectation, ``sum_c n_bc (1 - (1 - 1/n_c)^d_c) / n_b``).
+@dataclass
+class DrawCounts:
+    """What a stream drew, aggregated as it goes: distinct images per bucket and draws per class."""
 
-    ``drawn`` holds the undecoded samples drawn (``__shard__`` and ``__key__`` identify an image).
-    """
-    unique: dict[int, set[tuple[int, str]]] = {}
-    draws = np.zeros(len(layout.class_counts))
-    for sample in drawn:
-        unique.setdefault(layout.buckets[sample["__shard__"]], set()).add((sample["__shard__"], sample["__key__"]))
-        draws[int(sample["cls"])] += 1
+    distinct: dict[int, set[tuple[int, str]]]
+    class_draws: np.ndarray
+
+    @classmethod
+    def of(cls, layout: ShardLayout, drawn: Iterable[dict]) -> DrawCounts:
+        """``drawn``: undecoded samples (``__shard__`` and ``__key__`` identify an image), consumed lazily."""
+        counts = cls({}, np.zeros(len(layout.class_counts)))
+        for sample in drawn:
+            shard = sample["__shard__"]
+            counts.distinct.setdefault(layout.buckets[shard], set()).add((shard, sample["__key__"]))
+            counts.class_draws[int(sample["cls"])] += 1
+        return counts
+
+
+def bucket_coverage(layout: ShardLayout, drawn: DrawCounts) -> dict[int, tuple[float, float]]:
+    """Per bucket: (share of its images drawn at least once, the share that independent draws at the same
+    per-class draw counts give in expectation, ``sum_c n_bc (1 - (1 - 1/n_c)^d_c) / n_b``)."""
     n = np.asarray(layout.class_counts, dtype=np.float64)
-    hit = 1.0 - np.power(1.0 - np.divide(1.0, n, out=np.zeros_like(n), where=n > 0), draws)
+    hit = 1.0 - np.power(1.0 - np.divide(1.0, n, out=np.zeros_like(n), where=n > 0), drawn.class_draws)
     sizes = layout.bucket_sizes()
     return {
-        b: (len(unique.get(b, ())) / sizes[b], float((nbc * hit).sum() / sizes[b]))
+        b: (len(drawn.distinct.get(b, ())) / sizes[b], float((nbc * hit).sum() / sizes[b]))
         for b, nbc in sorted(layout.bucket_class_counts().items())
     }
 
