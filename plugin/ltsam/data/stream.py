@@ -311,7 +311,8 @@ class ClassAwareSource(IterableDataset):
 
     Seeds mix ``seed``, the epoch, the rank and the loader worker, so runs repeat and readers differ; where
     each reader starts in each bucket follows the module docstring, from ``reads_per_epoch`` (samples one
-    reader reads per epoch). The epoch lives in shared memory (``set_epoch``) so persistent workers follow.
+    reader pulls from this source per epoch, :func:`expected_reads`). The epoch lives in shared memory
+    (``set_epoch``) so persistent workers follow.
     """
 
     def __init__(
