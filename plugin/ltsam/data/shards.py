@@ -84,9 +84,12 @@ def read_shardlist(root: str | os.PathLike, split: str = "train") -> list[dict]:
 
 def read_labels(root: str | os.PathLike, split: str = "train") -> np.ndarray:
     """Every sample's label in index order (shard by shard), from the index: no image is read or decoded."""
-    shardlist = read_shardlist(root, split)
-    return np.fromiter((y for s in shardlist for y in s["labels"]), dtype=np.int64, count=sum(
-        s["nsamples"] for s in shardlist))
+    return shardlist_labels(read_shardlist(root, split))
+
+
+def shardlist_labels(shardlist: list[dict]) -> np.ndarray:
+    return np.fromiter((y for s in shardlist for y in s["labels"]), dtype=np.int64,
+                       count=sum(s["nsamples"] for s in shardlist))
 
 
 def load_info(root: str | os.PathLike) -> dict:

@@ -29,7 +29,15 @@ from torch.utils.data import Dataset
 
 from ltsam.counts import load_class_counts
 from ltsam.data.integrity import SkipLedger
-from ltsam.data.shards import by_class_name, class_index, counts_name, read_shardlist, sample_problem, wids_name
+from ltsam.data.shards import (
+    by_class_name,
+    class_index,
+    counts_name,
+    read_shardlist,
+    sample_problem,
+    shardlist_labels,
+    wids_name,
+)
 from ltsam.data.stream import IMAGE_KEYS
 
 _logger = logging.getLogger("ltsam.data")
@@ -88,7 +96,7 @@ class ShardIndexDataset(Dataset):
                 f"{len(missing)} shards listed in {index} are missing, e.g. {missing[:3]}"
             )
         self.root = root
-        self.targets = np.fromiter((y for s in shardlist for y in s["labels"]), dtype=np.int64)
+        self.targets = shardlist_labels(shardlist)
         self.class_counts = load_class_counts(root / counts_name(split))
         self._order, self._offsets = load_class_index(root, split, self.targets, len(self.class_counts))
         self._digests = [d for s in shardlist for d in s.get("digests", [None] * s["nsamples"])]
