@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -206,14 +207,18 @@ def test_wids_random_access(lt_root):
         assert label == ds.targets[i] == ident[1]
 
 
-def test_wids_loads_the_class_index_written_with_the_shards(lt_root, monkeypatch):
+def test_wids_loads_the_class_index_written_with_the_shards(lt_root, monkeypatch, capfd, caplog):
     from ltsam.data import wids_access
 
     monkeypatch.setattr(wids_access, "class_index", lambda *a: pytest.fail("per-class index rebuilt"))
-    ds = ShardIndexDataset(lt_root)
-    for label in range(len(LT_COUNTS)):
-        np.testing.assert_array_equal(ds.same_class(label), np.flatnonzero(ds.targets == label))
+    with caplog.at_level(logging.DEBUG, logger="ltsam.data"):
+        ds = ShardIndexDataset(lt_root)
+        for label in range(len(LT_COUNTS)):
+            np.testing.assert_array_equal(ds.same_class(label), np.flatnonzero(ds.targets == label))
+            ds[int(ds.same_class(label)[0])]
     assert ds.lru_size == len(ShardLayout.load(lt_root).urls)  # every shard stays open
+    # wids prints a summary on construction: routed to the logger with the index's name, not printed
+    assert capfd.readouterr() == ("", "") and "wids, " in caplog.text and "train_wids.json" in caplog.text
 
 
 def test_wids_exact_class_aware_sampling_over_two_ranks(lt_root):
