@@ -17,7 +17,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import BinaryIO
 
 _logger = logging.getLogger("ltsam.data")
@@ -53,23 +53,23 @@ def _pax_fields(data: bytes) -> dict[str, str]:
     return fields
 
 
-def _tar_members(f: BinaryIO, file_size: int) -> Iterator[tuple[str, int, int]]:
+def _tar_members(f: BinaryIO, file_size: int) -> Generator[tuple[str, int, int], None, bool]:
     """``(name, data offset, size)`` of a tar's regular files, from the 512-byte headers alone.
 
     ``tarfile`` spent most of a stream's reading time on header fields nobody uses; this reads name and size
     (PAX ``path``/``size`` and GNU long names included) and seeks over the data. A header cut short or with
-    a garbled size ends the listing: the callers' count check reports the shard.
+    a garbled size ends the listing; returns whether the archive ended where a tar ends (not cut short).
     """
     offset, override = 0, {}
     while offset + 512 <= file_size:
         f.seek(offset)
         header = f.read(512)
         if not header.strip(b"\0"):
-            return  # end-of-archive blocks
+            return True  # end-of-archive blocks
         try:
             size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         except ValueError:
-            return
+            return False
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
         if prefix:
@@ -86,22 +86,29 @@ def _tar_members(f: BinaryIO, file_size: int) -> Iterator[tuple[str, int, int]]:
             size = int(override.get("size", size))
             offset = data_offset + (size + 511) // 512 * 512
             if data_offset + size > file_size:
-                return  # data cut short
+                return False  # data cut short
             yield name, data_offset, size
         override = {}
+    return offset == file_size  # no end-of-archive blocks: complete only if the last member ends the file
 
 
 def read_shard(path: str, start: int = 0) -> Generator[tuple[int, dict], None, int]:
     """``(position, sample)`` of a webdataset tar from sample ``start`` on; sample = ``{"__key__", ext: bytes}``.
 
     Earlier samples are skipped by their headers (the data is seeked over), so a read can begin anywhere in
-    a shard at little cost. A tar cut short ends at the last whole sample; the generator returns the number
-    of samples it found (``found = yield from read_shard(...)``), for the callers to compare with the
-    metadata.
+    a shard at little cost. A tar cut short ends at the last whole sample (the one it cut is neither yielded
+    nor counted); the generator returns the number of samples it found (``found = yield from
+    read_shard(...)``), for the callers to compare with the metadata.
     """
     position, key, sample = -1, None, {}
     with open(path, "rb") as f:
-        for name, data_offset, size in _tar_members(f, os.fstat(f.fileno()).st_size):
+        members = _tar_members(f, os.fstat(f.fileno()).st_size)
+        while True:
+            try:
+                name, data_offset, size = next(members)
+            except StopIteration as end:
+                complete = end.value
+                break
             prefix, _, base = name.rpartition("/")
             stem, _, ext = base.partition(".")  # webdataset's rule: the key ends at the base name's first dot
             name_key = f"{prefix}/{stem}" if prefix else stem
@@ -112,6 +119,8 @@ def read_shard(path: str, start: int = 0) -> Generator[tuple[int, dict], None, i
             if position >= start:
                 f.seek(data_offset)
                 sample[ext] = f.read(size)
+    if not complete:  # the last sample may lack members the cut took
+        return position
     if position >= start and key is not None:
         yield position, sample
     return position + 1
