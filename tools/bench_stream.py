@@ -148,8 +148,6 @@ def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
 
 
 def report(args: argparse.Namespace, console: Console) -> None:
-    from ltsam.data.stream import bucket_coverage
-
     runs: dict[str, list[dict]] = {name: [] for name in LOADERS}
     names = list(LOADERS)
     for r in range(args.rounds):  # round-robin, one loader later each round: none always runs first
@@ -157,6 +155,12 @@ def report(args: argparse.Namespace, console: Console) -> None:
             runs[name].append(measure(args, LOADERS[name]))
     stats = {mode: draw_statistics(args, mode) for mode in MODES}
     layout = stats["instance"][0]
+    if args.rounds:
+        speed_table(args, console, layout, runs, stats)
+    coverage_table(args, console, layout, stats)
+
+
+def speed_table(args: argparse.Namespace, console: Console, layout, runs: dict, stats: dict) -> None:
     title = (f"{args.shards.name}: {layout.num_samples:,} images, {len(layout.class_counts):,} classes, "
              f"{len(layout.urls)} shards; rank 0 of {args.ranks} x {args.workers} workers, {args.img_size}px train "
              f"transform, {args.rounds} rounds of {args.samples} images: median (min-max)")
@@ -173,6 +177,10 @@ def report(args: argparse.Namespace, console: Console) -> None:
                       f"{max(x['rank_mib'] for x in runs[name]):,.0f}",
                       f"{max(x['worker_mib'] for x in runs[name]):,.0f}" if args.workers else "-", *tvs)
     console.print(table)
+
+
+def coverage_table(args: argparse.Namespace, console: Console, layout, stats: dict) -> None:
+    from ltsam.data.stream import bucket_coverage
 
     coverage = {mode: bucket_coverage(layout, stats[mode][1]) for mode in MODES}
     sizes, nbc = layout.bucket_sizes(), layout.bucket_class_counts()
@@ -193,6 +201,8 @@ def report(args: argparse.Namespace, console: Console) -> None:
         low, high = (2 ** (b - 1) + 1 if b > 0 else 1), 2**b
         table.add_row(f"{low}-{high}", str(int((nbc[b] > 0).sum())), f"{sizes[b]:,}", *cells)
     console.print(table)
+    console.print("class / bucket total-variation distance from the target over all draws: "
+                  + ", ".join(f"{m} {stats[m][2]:.4f} / {stats[m][3]:.4f}" for m in MODES))
     console.print("worst bucket, drawn / independent: " + ", ".join(f"{m} {worst[m]:.2f}x" for m in MODES)
                   + ". The A/A row reads the plain stream twice: its range is the noise floor of a ratio.")
 
@@ -205,7 +215,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="epochs over which images ever drawn are counted")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="0: class shares and images ever drawn only")
     parser.add_argument("--samples", type=int, default=4096, help="images per loader per round (rank 0)")
     parser.add_argument("--child", choices=(*MODES, "wids"), help=argparse.SUPPRESS)
     args = parser.parse_args()

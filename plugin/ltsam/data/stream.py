@@ -19,15 +19,22 @@ readers are "global workers" ``g = rank * num_workers + worker``.
   ``P_b ~ sum_c n_bc r_c``, class c comes out with probability ``p_c = class_probabilities(counts, mode)``
   exactly in expectation, whatever the layout; log2-bucketed shards keep every r_c near 1.
 
-  **Where a reader starts in a bucket** decides which images are ever drawn. Reader g of epoch e starts at
-  ``u_b + R * C_b(e) + g * L_b(e)`` (mod the bucket's size), with ``L_b(e)`` the samples a reader is
-  expected to read from bucket b in epoch e, ``C_b(e) = sum_{e' < e} L_b(e')`` and ``u_b`` a seeded random
-  offset. The readers' arcs therefore tile the bucket's cycle, epoch after epoch: over E epochs a bucket
-  read T times in all has ``min(1, T / n_b)`` of its images read (up to the random overshoot at the arc
-  ends), where independent draws reach ``1 - exp(-T / n_b)``. A read image is drawn unless its class's
-  emission rate rejects it (rates lie within about 0.5-2 inside a log2 bucket) or the shuffle buffer still
-  holds it when the epoch ends (``StreamingDataset`` keeps that buffer at an eighth of the quota). So the
-  share of a bucket ever drawn is at least the independent draws' share: measured by
+  **Where a reader starts in a bucket** decides which images are ever drawn (a reader that always starts at
+  a shard's first sample draws only prefixes). With ``L_b(e)`` the samples a reader is expected to read from
+  bucket b in epoch e and ``u_b`` a seeded random offset:
+
+  - long arcs (``L_b(e) >= TILED_ARC``): reader g starts at ``u_b + R * C_b(e) + g * L_b(e)`` (mod the
+    bucket's size), ``C_b(e) = sum_{e' < e} L_b(e')``. The readers' arcs tile the bucket's cycle, epoch
+    after epoch, so a bucket read T times in all over E epochs has ``min(1, T / n_b)`` of its images read
+    (up to the random overshoot at the arc ends), where independent draws reach ``1 - exp(-T / n_b)``;
+  - short arcs (their random length would make tiles overlap): the readers start ``n_b / R`` apart, and
+    epoch e shifts them all by ``frac(e * GOLDEN)`` of that spacing, a sequence that spreads the arcs of any
+    number of epochs evenly.
+
+  A read image is drawn unless its class's emission rate rejects it (rates lie within 0.5-1 inside a log2
+  bucket, and never exceed 1, so nothing is drawn twice from one read) or the shuffle buffer still holds it
+  when the epoch ends (``StreamingDataset`` keeps that buffer at an eighth of the quota). So the share of
+  a bucket ever drawn is at least the independent draws' share: measured by
   ``tests/test_stream.py::test_undersampled_bucket_coverage_matches_independent_draws`` and
   ``tools/bench_stream.py``.
 """
@@ -272,7 +279,8 @@ class ShardReader:
             offset = 0
 
 
-TILED_ARC = 64  # expected reads per reader and epoch from which a bucket's arcs are tiled rather than random
+TILED_ARC = 64  # expected reads per reader and epoch from which a bucket's arcs are tiled, not spread
+GOLDEN = (5**0.5 - 1) / 2  # epoch e shifts short arcs by frac(e x GOLDEN): evenly spread for any E
 
 
 def _emit(src: Iterator[dict], rates: list[float], rng: random.Random) -> Iterator[dict]:
@@ -367,9 +375,10 @@ class ClassAwareSource(IterableDataset):
             if length >= TILED_ARC:
                 base = random.Random(wds.utils.make_seed(self.seed, b)).randrange(sizes[b])
                 starts[b] = int(base + readers * past[b] + reader * length) % sizes[b]
-            else:  # a random base each epoch, the readers spread evenly from it
-                base = random.Random(wds.utils.make_seed(self.seed, epoch, b)).randrange(sizes[b])
-                starts[b] = (base + reader * sizes[b] // readers) % sizes[b]
+            else:  # readers spread evenly; epochs shift them by golden-ratio fractions of that spacing
+                base = random.Random(wds.utils.make_seed(self.seed, b)).randrange(sizes[b])
+                spacing = sizes[b] / readers
+                starts[b] = int(base + (epoch * GOLDEN % 1.0 + reader) * spacing) % sizes[b]
         return starts
 
     def __iter__(self) -> Iterator[dict]:
