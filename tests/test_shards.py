@@ -17,6 +17,7 @@ from timm.data import create_dataset
 from ltsam.counts import load_class_counts
 from ltsam.data import shards
 from ltsam.data.files import read_image_folder
+from ltsam.data.integrity import sample_digest
 from ltsam.data.lt import LTArrayDataset, lt_profile
 from ltsam.data.shards import class_bucket, records_from_arrays, records_from_samples, verify, write_shards
 
@@ -176,6 +177,13 @@ def test_arrays_become_png_and_wids_index_matches(tmp_path):
     assert [s["nsamples"] for s in index["shardlist"]] == entry["shard_lengths"]
     first = shard_samples(tmp_path / entry["filenames"][0])
     assert "png" in first[0] and [int(s["cls"]) for s in first] == index["shardlist"][0]["labels"]
+    # every label without reading an image, in the order of the shards' samples
+    in_tars = [int(s["cls"]) for f in entry["filenames"] for s in shard_samples(tmp_path / f)]
+    assert shards.read_labels(tmp_path).tolist() == in_tars
+    # digests: of each sample's key and members, as read back
+    assert index["shardlist"][0]["digests"] == [
+        sample_digest(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")}) for s in first
+    ]
 
 
 def test_interrupted_write_resumes_without_rewriting(tmp_path, monkeypatch):

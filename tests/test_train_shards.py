@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from test_integrity import flip_byte, rewrite_member
 from torch.utils.data import DataLoader
 
 from ltsam.counts import load_class_counts
@@ -102,3 +105,21 @@ def test_each_epoch_reseeds_the_stream(digits_shards):
         labels.append(torch.cat([y for _, y in loader]))
     assert loader.dataset.epoch.value == 0
     assert torch.equal(labels[0], labels[2]) and not torch.equal(labels[0], labels[1])
+
+
+@pytest.mark.parametrize("dataset", ["shards", "shards-wids"])
+def test_trainer_reports_skips_in_results_and_stops_on_a_truncated_shard(digits_shards, tmp_path, dataset):
+    root = tmp_path / "digits"
+    shutil.copytree(digits_shards[0], root)
+    shardlist = json.loads((root / "train_wids.json").read_text())["shardlist"]
+    name = max(shardlist, key=lambda s: s["nsamples"])["url"]  # of the head bucket: its classes live on
+    with tarfile.open(root / name) as tar:
+        keys = list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))
+    for key in keys[::2]:  # half a shard: some are read whatever the epoch's order
+        rewrite_member(root / name, key, "png", flip_byte)
+    assert run(root, tmp_path, "--dataset", dataset, "--epochs", "1", "--opt", "sgd") == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["skipped_samples"] > 0 and set(results["skipped_by_shard"]) == {name}
+    (root / name).write_bytes((root / name).read_bytes()[:3000])
+    with pytest.raises(RuntimeError, match=name):
+        run(root, tmp_path, "--dataset", dataset, "--epochs", "1", "--opt", "sgd", experiment="truncated")

@@ -1,24 +1,34 @@
-"""Images per second, decode and augmentation included, of plain vs class-aware streaming vs ImageFolder.
+"""Plain vs class-aware streaming of any shard folder: speed, memory, class shares and images ever drawn.
 
-Default data: CIFAR-10-LT (imbalance 100, 12,406 JPEGs) cut from ../shared/data/cifar10 when present, else a
-generated long-tailed set of 32x32 JPEGs. The same image bytes are written once as an ImageFolder and once as
-log2-bucketed shards; each loader then reads ``--samples`` images (worker start included) per round, the
-loaders taking turns round-robin in one process. Reported per loader: median and range of images/s (wall
-and CPU), and of its ratio to the plain stream measured in the same round; an A/A row (the plain stream
-again) shows how large a ratio's noise is on this machine.
+One run prints, side by side for the plain stream (instance), the class-aware streams (balanced, sqrt), an A/A
+control (plain again) and wids random access:
 
-    python tools/bench_stream.py [--workers 0] [--rounds 9] [--samples 2048] [--img-size 32]
+* images/s and images per CPU-second (decode and the training transform included; CPU of the rank's process
+  and its loader workers), and the ratio to plain measured in the same round: median (min-max) over rounds;
+* peak resident memory of the rank's process and of its largest loader worker;
+* for the streams, over ``--epochs`` epochs of all ``--ranks x --workers`` readers (undecoded: exactly the
+  samples training would decode): total-variation distance of the realised class and bucket shares from the
+  target, and per log2 bucket the share of its images ever drawn against what independent draws at the same
+  class frequencies give.
+
+Each loader/round runs in a fresh process (rank 0 of ``--ranks``), so peak memory belongs to it alone.
+Without a folder, CIFAR-10-LT (imbalance 100) cut from ../shared/data/cifar10 is written to a temporary one,
+else a generated long-tailed set. ``tools/make_lt_shards.py`` writes iNat- or ImageNet-LT-shaped sets.
+
+    python tools/bench_stream.py [SHARDS] [--ranks 2] [--workers 2] [--epochs 20] [--samples 4096] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,52 +36,110 @@ import webdataset as wds
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
-from timm.data import create_dataset, create_transform
-from torch.utils.data import DataLoader, RandomSampler
-
-from ltsam.data.files import read_image_folder
-from ltsam.data.lt import lt_profile
-from ltsam.data.shards import records_from_samples, write_shards
-from ltsam.data.stream import StreamingDataset
-from ltsam.data.wids_access import ShardIndexDataset
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+MODES = ("instance", "balanced", "sqrt")
+LOADERS = {  # row name: what the child process runs
+    "stream, plain (instance)": "instance",
+    "stream, plain again (A/A control)": "instance",
+    "stream, class-aware (balanced)": "balanced",
+    "stream, class-aware (sqrt)": "sqrt",
+    "wids random access, shuffled": "wids",
+}
 PLAIN = "stream, plain (instance)"
-CIFAR10_LT_100 = lt_profile(10, 5000, 100)
 
 
-def make_folder(folder: Path) -> None:
-    """CIFAR-10-LT (first n_c images of class c) from the shared shards, else generated JPEGs."""
+def write_default_set(out: Path) -> None:
+    """CIFAR-10-LT (first n_c images of class c) from the shared shards, else generated 32x32 JPEGs."""
+    from ltsam.data.lt import lt_profile
+    from ltsam.data.shards import write_shards
+
+    counts = lt_profile(10, 5000, 100)
+    records = []
     if (CIFAR / "cifar10.json").is_file():
         shards = sorted(str(p) for p in CIFAR.glob("cifar10-train-*.tar"))
         for sample in wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples()):
             _, name, index = sample["__key__"].rsplit("_", 2)
-            label = int(sample["cls"])
-            if int(index) < CIFAR10_LT_100[label]:
-                (folder / f"{label:02d}_{name}").mkdir(exist_ok=True)
-                (folder / f"{label:02d}_{name}" / f"{index}.jpg").write_bytes(sample["jpg"])
-        return
-    rng = np.random.default_rng(0)
-    for label, n in enumerate(c // 4 for c in CIFAR10_LT_100):
-        (folder / f"{label:02d}").mkdir()
-        for i in range(n):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
-            (folder / f"{label:02d}" / f"{i}.jpg").write_bytes(buf.getvalue())
+            if int(index) < counts[int(sample["cls"])]:
+                records.append((sample["__key__"], sample["jpg"], int(sample["cls"])))
+    else:
+        rng = np.random.default_rng(0)
+        for label, n in enumerate(c // 4 for c in counts):
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                records.append((f"{label}_{i}", buf.getvalue(), label))
+    write_shards(records, out, min_shards_per_group=4, num_workers=2, show_progress=False)
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (the loader workers): less exposed than wall time to
-    other jobs on a shared machine."""
+    """CPU time of this process and its reaped children (the loader workers)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def measure(make_loader: Callable[[], DataLoader]) -> tuple[int, float, float]:
-    """(images, wall seconds, CPU seconds) of one pass over a fresh loader, worker start included."""
+def child(args: argparse.Namespace) -> None:
+    """One loader, one pass of ``--samples`` images for rank 0: prints images, seconds, CPU-s and peak MiB."""
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from ltsam.data.stream import StreamingDataset
+    from ltsam.data.wids_access import ShardIndexDataset
+
+    transform = create_transform(args.img_size, is_training=True)
+    bs, w = args.batch_size, args.workers
     wall, cpu = time.perf_counter(), cpu_seconds()
-    n = sum(len(y) for _, y in make_loader())
-    return n, time.perf_counter() - wall, cpu_seconds() - cpu
+    if args.child == "wids":
+        ds = ShardIndexDataset(args.shards, transform=transform)
+        loader = DataLoader(ds, bs, sampler=RandomSampler(ds, num_samples=args.samples), num_workers=w, drop_last=True)
+    else:
+        ds = StreamingDataset(args.shards, mode=args.child, batch_size=bs, num_workers=w, rank=0,
+                              world_size=args.ranks, transform=transform, samples_per_epoch=args.samples * args.ranks)
+        loader = DataLoader(ds, batch_size=bs, num_workers=w)
+    images = sum(len(y) for _, y in loader)
+    del loader  # joins the workers, so their CPU time and peak memory are counted
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"images": images, "wall": wall, "cpu": cpu, "rank_mib": own.ru_maxrss / 1024,
+                      "worker_mib": kids.ru_maxrss / 1024}))
+
+
+def measure(args: argparse.Namespace, mode: str) -> dict:
+    argv = [sys.executable, __file__, str(args.shards), "--child", mode, "--ranks", str(args.ranks),
+            "--workers", str(args.workers), "--samples", str(args.samples), "--batch-size", str(args.batch_size),
+            "--img-size", str(args.img_size)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def draw_statistics(args: argparse.Namespace, mode: str):
+    """Every reader's undecoded draws over ``--epochs`` epochs: (DrawCounts, class TV, bucket TV)."""
+    import itertools
+
+    from ltsam.data.balance import class_probabilities
+    from ltsam.data.stream import DrawCounts, StreamingDataset
+
+    readers = args.ranks * max(1, args.workers)
+
+    def draws():
+        for reader in range(readers):  # reader g = rank * workers + worker: simulated as rank g of `readers`
+            ds = StreamingDataset(args.shards, mode=mode, batch_size=args.batch_size, rank=reader,
+                                  world_size=readers)
+            for epoch in range(args.epochs):
+                ds.set_epoch(epoch)
+                samples = ds._instance_samples(reader) if mode == "instance" else iter(ds.source)
+                yield from itertools.islice(samples, ds.quota)
+
+    layout = StreamingDataset(args.shards, batch_size=args.batch_size).layout
+    counts = DrawCounts.of(layout, draws())
+    target = class_probabilities(layout.class_counts, mode)
+    realised = counts.class_draws / counts.class_draws.sum()
+    nbc = layout.bucket_class_counts()
+    n = np.maximum(1, np.asarray(layout.class_counts, dtype=np.float64))
+    bucket_target = np.array([(target * nbc[b] / n).sum() for b in sorted(nbc)])
+    bucket_realised = np.array([(realised * nbc[b] / n).sum() for b in sorted(nbc)])
+    tv = 0.5 * float(np.abs(realised - target).sum())
+    return layout, counts, tv, 0.5 * float(np.abs(bucket_realised - bucket_target).sum())
 
 
 def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
@@ -79,66 +147,87 @@ def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
+def report(args: argparse.Namespace, console: Console) -> None:
+    runs: dict[str, list[dict]] = {name: [] for name in LOADERS}
+    names = list(LOADERS)
+    for r in range(args.rounds):  # round-robin, one loader later each round: none always runs first
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            runs[name].append(measure(args, LOADERS[name]))
+    stats = {mode: draw_statistics(args, mode) for mode in MODES}
+    layout = stats["instance"][0]
+    if args.rounds:
+        speed_table(args, console, layout, runs, stats)
+    coverage_table(args, console, layout, stats)
+
+
+def speed_table(args: argparse.Namespace, console: Console, layout, runs: dict, stats: dict) -> None:
+    title = (f"{args.shards.name}: {layout.num_samples:,} images, {len(layout.class_counts):,} classes, "
+             f"{len(layout.urls)} shards; rank 0 of {args.ranks} x {args.workers} workers, {args.img_size}px train "
+             f"transform, {args.rounds} rounds of {args.samples} images: median (min-max)")
+    table = Table(title=title)
+    for col in ("loader", "images/s", "images per CPU-s", "vs plain, CPU", "peak MiB rank", "peak MiB worker",
+                f"class TV ({args.epochs} ep)", "bucket TV"):
+        table.add_column(col, justify="left" if col == "loader" else "right")
+    for name, mode in LOADERS.items():
+        rate = [x["images"] / x["wall"] for x in runs[name]]
+        cpu = [x["images"] / x["cpu"] for x in runs[name]]
+        ratio = [a / (b["images"] / b["cpu"]) for a, b in zip(cpu, runs[PLAIN])]
+        tvs = ("", "") if mode not in stats or "again" in name else (f"{stats[mode][2]:.4f}", f"{stats[mode][3]:.4f}")
+        table.add_row(name, spread(rate), spread(cpu), spread(ratio, "{:.2f}x"),
+                      f"{max(x['rank_mib'] for x in runs[name]):,.0f}",
+                      f"{max(x['worker_mib'] for x in runs[name]):,.0f}" if args.workers else "-", *tvs)
+    console.print(table)
+    console.print("The A/A row reads the plain stream twice: its range is the noise floor of a ratio.")
+
+
+def coverage_table(args: argparse.Namespace, console: Console, layout, stats: dict) -> None:
+    from ltsam.data.stream import bucket_coverage
+
+    coverage = {mode: bucket_coverage(layout, stats[mode][1]) for mode in MODES}
+    sizes, nbc = layout.bucket_sizes(), layout.bucket_class_counts()
+    table = Table(title=f"share of each bucket's images ever drawn over {args.epochs} epochs by all "
+                        f"{args.ranks * max(1, args.workers)} readers: drawn / independent draws (ratio)")
+    table.add_column("bucket (images per class)", justify="left")
+    table.add_column("classes", justify="right")
+    table.add_column("images", justify="right")
+    for mode in MODES:
+        table.add_column(mode, justify="right")
+    worst = {mode: 1.0 for mode in MODES}
+    for b in sorted(sizes):
+        cells = []
+        for mode in MODES:
+            share, independent = coverage[mode][b]
+            worst[mode] = min(worst[mode], share / independent if independent else 1.0)
+            cells.append(f"{share:.3f} / {independent:.3f} ({share / max(independent, 1e-12):.2f}x)")
+        low, high = (2 ** (b - 1) + 1 if b > 0 else 1), 2**b
+        table.add_row(f"{low}-{high}", str(int((nbc[b] > 0).sum())), f"{sizes[b]:,}", *cells)
+    console.print(table)
+    console.print("class / bucket total-variation distance from the target over all draws: "
+                  + ", ".join(f"{m} {stats[m][2]:.4f} / {stats[m][3]:.4f}" for m in MODES))
+    console.print("worst bucket, drawn / independent: " + ", ".join(f"{m} {worst[m]:.2f}x" for m in MODES))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workers", type=int, default=0, help="loader workers (0: in-process, least noisy)")
+    parser.add_argument("shards", nargs="?", type=Path, help="a folder written by ltsam.data.shards")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks simulated (rank 0 is measured)")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs over which images ever drawn are counted")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--samples", type=int, default=2048, help="images per loader per round")
+    parser.add_argument("--rounds", type=int, default=3, help="0: class shares and images ever drawn only")
+    parser.add_argument("--samples", type=int, default=4096, help="images per loader per round (rank 0)")
+    parser.add_argument("--child", choices=(*MODES, "wids"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    console = Console(width=132)
-    transform = create_transform(args.img_size, is_training=True)
+    if args.child:
+        return child(args)
+    console = Console(width=160)
+    if args.shards is not None:
+        return report(args, console)
     with tempfile.TemporaryDirectory() as tmp:
-        folder, shard_dir = Path(tmp, "folder"), Path(tmp, "shards")
-        folder.mkdir()
-        make_folder(folder)
-        samples, names = read_image_folder(folder)
-        write_shards(records_from_samples(samples), shard_dir, class_names=names,
-                     min_shards_per_group=max(1, args.workers), num_workers=2, show_progress=False)
-        n = len(samples)
-        bs, w = args.batch_size, args.workers
-
-        def stream(mode: str) -> Callable[[], DataLoader]:
-            ds = StreamingDataset(shard_dir, mode=mode, batch_size=bs, num_workers=w, transform=transform,
-                                  samples_per_epoch=args.samples)
-            return lambda: DataLoader(ds, batch_size=bs, num_workers=w)
-
-        def shuffled(ds) -> Callable[[], DataLoader]:
-            sampler = RandomSampler(ds, num_samples=args.samples)
-            return lambda: DataLoader(ds, bs, sampler=sampler, num_workers=w, drop_last=True)
-
-        folder_ds = create_dataset("", root=str(folder), is_training=True, transform=transform)
-        wids_ds = ShardIndexDataset(shard_dir, transform=transform)
-        loaders = {
-            PLAIN: stream("instance"),
-            "stream, plain again (A/A control)": stream("instance"),
-            "stream, class-aware (balanced)": stream("balanced"),
-            "stream, class-aware (sqrt)": stream("sqrt"),
-            "ImageFolder, shuffled": shuffled(folder_ds),
-            "wids random access, shuffled": shuffled(wids_ds),
-        }
-        names_in_order = list(loaders)
-        wall: dict[str, list[float]] = {k: [] for k in loaders}
-        cpu: dict[str, list[float]] = {k: [] for k in loaders}
-        counts: dict[str, int] = {}
-        for r in range(args.rounds):
-            # round-robin, starting one loader later each round, so no loader always runs first or after another
-            for name in names_in_order[r % len(loaders) :] + names_in_order[: r % len(loaders)]:
-                counts[name], seconds, cpu_s = measure(loaders[name])
-                wall[name].append(counts[name] / seconds)
-                cpu[name].append(counts[name] / cpu_s)
-    table = Table(title=f"{n}-image LT set, {args.img_size}px train transform, batch {bs}, {w} workers, "
-                        f"{args.rounds} interleaved rounds of {args.samples} images: median (min-max)")
-    for col in ("loader", "images/s", "images per CPU-s", "vs plain, paired per round", "vs plain, CPU"):
-        table.add_column(col, justify="left" if col == "loader" else "right")
-    for name in loaders:
-        ratio = [a / b for a, b in zip(wall[name], wall[PLAIN])]
-        cpu_ratio = [a / b for a, b in zip(cpu[name], cpu[PLAIN])]
-        table.add_row(name, spread(wall[name]), spread(cpu[name]), spread(ratio, "{:.2f}x"),
-                      spread(cpu_ratio, "{:.2f}x"))
-    console.print(table)
-    console.print("The A/A row reads the same loader twice: its range is the noise floor of a ratio.")
+        args.shards = Path(tmp, "cifar10_lt")
+        write_default_set(args.shards)
+        report(args, console)
 
 
 if __name__ == "__main__":

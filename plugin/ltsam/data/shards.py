@@ -5,10 +5,13 @@ A split written to ``out_dir`` consists of:
 * ``{split}-{i:06d}.tar`` shards: one ``KEY.{jpg,png,webp}`` image (the source bytes, not re-encoded unless
   asked; arrays become PNG) and one ``KEY.cls`` ASCII label per sample;
 * ``_info.json``: timm's webdataset split description (``--dataset wds/NAME --data-dir out_dir``), plus per
-  shard its frequency bucket, class histogram and content digest (``shard_buckets``, ``shard_class_hist``,
-  ``shard_digests``) and the split's ``class_counts``;
+  shard its frequency bucket, class histogram, the digest of its sources (``shard_digests``, for resuming a
+  write) and the SHA-256 of the file (``shard_sha256``), and the split's ``class_counts``;
 * ``{split}_class_counts.json``: per-class counts (:func:`ltsam.counts.save_class_counts`);
-* ``{split}_wids.json``: a ``wids`` index (with each shard's labels) for random access.
+* ``{split}_wids.json``: a ``wids`` index with each shard's labels and per-sample content digests
+  (:func:`ltsam.data.integrity.sample_digest`), which every reader checks;
+* ``{split}_by_class.npz``: per class, the indices of its samples (``order[offsets[c]:offsets[c + 1]]``),
+  so random-access readers never rebuild it.
 
 Grouping shards by log2 bucket of the class count lets a stream re-balance by mixing buckets without reading
 every class's shard (see :mod:`ltsam.data.stream`). Writing is one shard per process task; each shard goes to
@@ -39,6 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ltsam.counts import save_class_counts
 from ltsam.data.factory import LT_DATASETS, create_lt_dataset
 from ltsam.data.files import read_image_folder, read_inat_json, read_list_file
+from ltsam.data.integrity import read_shard, sample_digest, sample_members
 
 # (key, image, label): image is a file path, encoded bytes, an HxW[xC] uint8 array or a PIL image
 Record = tuple[str, "str | os.PathLike | bytes | np.ndarray | Image.Image", int]
@@ -64,6 +68,28 @@ def counts_name(split: str) -> str:
 
 def wids_name(split: str) -> str:
     return f"{split}_wids.json"
+
+
+def by_class_name(split: str) -> str:
+    return f"{split}_by_class.npz"
+
+
+def read_shardlist(root: str | os.PathLike, split: str = "train") -> list[dict]:
+    """The ``wids`` index entries of a split: ``url``, ``nsamples``, ``labels`` and (ltsam >= 0.2) ``digests``."""
+    index = Path(root) / wids_name(split)
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found; write shards with `python -m ltsam.data.shards write`")
+    return json.loads(index.read_text())["shardlist"]
+
+
+def read_labels(root: str | os.PathLike, split: str = "train") -> np.ndarray:
+    """Every sample's label in index order (shard by shard), from the index: no image is read or decoded."""
+    return shardlist_labels(read_shardlist(root, split))
+
+
+def shardlist_labels(shardlist: list[dict]) -> np.ndarray:
+    return np.fromiter((y for s in shardlist for y in s["labels"]), dtype=np.int64,
+                       count=sum(s["nsamples"] for s in shardlist))
 
 
 def load_info(root: str | os.PathLike) -> dict:
@@ -127,6 +153,15 @@ def _sniff_ext(data: bytes) -> str | None:
     return None
 
 
+def _check_image(key: str, data: bytes) -> None:
+    """Refuse bytes that no image reader recognises now, rather than a skipped sample at training time."""
+    try:
+        with Image.open(io.BytesIO(data)):  # reads the header only
+            pass
+    except Exception as err:
+        raise ValueError(f"record {key!r}: the bytes are not a readable image ({type(err).__name__})") from err
+
+
 def _encode_pil(img: Image.Image, ext: str) -> bytes:
     buf = io.BytesIO()
     if ext == "jpg" and img.mode not in ("RGB", "L"):
@@ -155,19 +190,49 @@ def encode_image(image, reencode: str | None = None) -> tuple[str, bytes]:
     return ext, data
 
 
-def _write_shard(task: ShardTask) -> tuple[str, int, dict[int, int]]:
+class _HashingFile:
+    """A write-only file that hashes what passes through: the shard's SHA-256 without reading it back."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.sha256 = stream, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.stream.write(data)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What the metadata records of one written shard."""
+
+    name: str
+    labels: list[int]
+    digests: list[str]
+    sha256: str
+
+    @property
+    def hist(self) -> dict[int, int]:
+        return dict(Counter(self.labels))
+
+
+def _write_shard(task: ShardTask) -> ShardResult:
     """Write one shard under a temporary name and rename it when complete (the rename marks it finished)."""
     tmp = task.path + ".tmp"
-    hist: Counter[int] = Counter()
+    labels, digests = [], []
     # an integer mtime keeps tarfile from adding a PAX header to every member (twice the parsing when read)
     # and makes shards byte-identical across rewrites
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:
-        for key, image, label in task.records:
-            ext, data = encode_image(image, task.reencode)
-            sink.write({"__key__": _sample_key(key), ext: data, "cls": int(label)})
-            hist[int(label)] += 1
+    with open(tmp, "wb") as stream:
+        hashing = _HashingFile(stream)
+        with wds.TarWriter(hashing, mtime=0) as sink:
+            for key, image, label in task.records:
+                ext, data = encode_image(image, task.reencode)
+                _check_image(key, data)
+                members = {ext: data, "cls": str(int(label)).encode()}
+                sink.write({"__key__": _sample_key(key), **members})
+                labels.append(int(label))
+                digests.append(sample_digest(_sample_key(key), members))
     os.replace(tmp, task.path)
-    return Path(task.path).name, sum(hist.values()), dict(hist)
+    return ShardResult(Path(task.path).name, labels, digests, hashing.sha256.hexdigest())
 
 
 def _digest(records: Sequence[Record], reencode: str | None) -> str:
@@ -276,25 +341,28 @@ def write_shards(
     journal = out / f".{split}_journal.jsonl"
     done = _journal_entries(journal)
     previous = load_info(out).get("splits", {}).get(split, {})
-    for fname, n, hist, digest in zip(
-        previous.get("filenames", []),
-        previous.get("shard_lengths", []),
-        previous.get("shard_class_hist", []),
-        previous.get("shard_digests", []),
+    previous_index = {}
+    if (out / wids_name(split)).is_file():
+        previous_index = {s["url"]: s for s in read_shardlist(out, split)}
+    for fname, digest, sha256 in zip(
+        previous.get("filenames", []), previous.get("shard_digests", []), previous.get("shard_sha256", [])
     ):
-        done.setdefault(fname, {"name": fname, "count": n, "hist": hist, "digest": digest})
-    results: dict[str, tuple[int, dict]] = {}
+        indexed = previous_index.get(fname, {})
+        if "digests" in indexed:
+            done.setdefault(fname, {"name": fname, "labels": indexed["labels"], "digests": indexed["digests"],
+                                    "sha256": sha256, "digest": digest})
+    results: dict[str, ShardResult] = {}
     todo = []
     for task in tasks:
         fname = Path(task.path).name
-        entry = done.get(fname)
+        kept = done.get(fname)
         if (
-            entry is not None
+            kept is not None
             and Path(task.path).is_file()
-            and entry["digest"] == task.digest
-            and entry["count"] == len(task.records)
+            and kept["digest"] == task.digest
+            and len(kept.get("digests", ())) == len(task.records)
         ):
-            results[fname] = (entry["count"], {int(k): v for k, v in entry["hist"].items()})
+            results[fname] = ShardResult(fname, kept["labels"], kept["digests"], kept["sha256"])
         else:
             todo.append(task)
 
@@ -305,10 +373,10 @@ def write_shards(
     ):
         bar = progress.add_task(f"writing {split} shards", total=len(tasks), completed=len(tasks) - len(todo))
 
-        def finished(result: tuple[str, int, dict[int, int]], digest: str) -> None:
-            fname, n, hist = result
-            results[fname] = (n, hist)
-            log.write(json.dumps({"name": fname, "count": n, "hist": hist, "digest": digest}) + "\n")
+        def finished(result: ShardResult, digest: str) -> None:
+            results[result.name] = result
+            log.write(json.dumps({"name": result.name, "labels": result.labels, "digests": result.digests,
+                                  "sha256": result.sha256, "digest": digest}) + "\n")
             log.flush()
             progress.advance(bar)
 
@@ -325,40 +393,53 @@ def write_shards(
         "name": split,
         "num_samples": len(records),
         "filenames": names,
-        "shard_lengths": [results[n][0] for n in names],
+        "shard_lengths": [len(results[n].labels) for n in names],
         "group_by": group_by,
         "shard_buckets": [bucket for bucket, _ in plan],
-        "shard_class_hist": [{str(k): v for k, v in sorted(results[n][1].items())} for n in names],
+        "shard_class_hist": [{str(k): v for k, v in sorted(results[n].hist.items())} for n in names],
         "shard_digests": [t.digest for t in tasks],
+        "shard_sha256": [results[n].sha256 for n in names],
         "num_classes": num_classes,
         "class_counts": counts,
     }
     if class_names:
         entry["class_names"] = list(class_names)
-    _write_metadata(
-        out, split, name or out.name, entry, [r[2] for r in (records[j] for _, idx in plan for j in idx)]
-    )
+    _write_metadata(out, split, name or out.name, entry, [results[n] for n in names])
     journal.unlink()
     for stale in set(previous.get("filenames", [])) - set(names):
         (out / stale).unlink(missing_ok=True)
     return entry
 
 
-def _write_metadata(out: Path, split: str, name: str, entry: dict, ordered_labels: list[int]) -> None:
-    """_info.json (merged with other splits), the counts file and the wids index, each replaced atomically."""
+def _write_metadata(out: Path, split: str, name: str, entry: dict, shards: list[ShardResult]) -> None:
+    """_info.json (merged with other splits), the counts file, the wids index and the per-class index, each
+    replaced atomically."""
     info = load_info(out)
     info["name"] = name
     info.setdefault("splits", {})[split] = entry
     _replace_json(out / INFO_NAME, info)
     extra = {"class_names": entry["class_names"]} if "class_names" in entry else {}
     save_class_counts(entry["class_counts"], out / counts_name(split), split=split, **extra)
-    shardlist, start = [], 0
-    for fname, n in zip(entry["filenames"], entry["shard_lengths"]):
-        shardlist.append({"url": fname, "nsamples": n, "labels": ordered_labels[start : start + n]})
-        start += n
+    shardlist = [
+        {"url": shard.name, "nsamples": len(shard.labels), "labels": shard.labels, "digests": shard.digests}
+        for shard in shards
+    ]
     _replace_json(
         out / wids_name(split), {"wids_version": 1, "name": f"{name}-{split}", "shardlist": shardlist}
     )
+    labels = np.fromiter((y for shard in shards for y in shard.labels), dtype=np.int64)
+    order, offsets = class_index(labels, len(entry["class_counts"]))
+    tmp = out / (by_class_name(split) + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, order=order, offsets=offsets)
+    os.replace(tmp, out / by_class_name(split))
+
+
+def class_index(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, offsets): class c's sample indices are ``order[offsets[c]:offsets[c + 1]]``, ascending."""
+    order = np.argsort(labels, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))])
+    return order, offsets
 
 
 def _replace_json(path: Path, data: dict) -> None:
@@ -370,23 +451,81 @@ def _replace_json(path: Path, data: dict) -> None:
 # ----------------------------------------------------------------------------------------------- verify
 
 
-def _count_shard(path: str) -> tuple[int, dict[int, int], str | None]:
-    """Re-read one shard: (samples, label histogram, error or None)."""
+MAX_PROBLEMS_PER_SHARD = 5  # a shard garbled throughout would otherwise print one line per sample
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    """One shard to check: its file, what the metadata says it holds, and the class count."""
+
+    path: str
+    labels: list[int]
+    digests: list[str] | None
+    sha256: str | None
+    num_classes: int
+
+
+def sample_problem(sample: dict, expected_digest: str | None, num_classes: int) -> tuple[int | None, str | None]:
+    """(label or None, what is wrong or None) of one undecoded sample against its metadata: shared by verify,
+    the stream and the wids reader so all three judge a sample alike."""
+    try:
+        label = int(sample["cls"])
+    except (KeyError, ValueError):
+        return None, f"label {sample.get('cls')!r:.20} is not an integer"
+    if not 0 <= label < num_classes:
+        return None, f"label {label} is out of range for {num_classes} classes"
+    if expected_digest is not None and sample_digest(sample["__key__"], sample_members(sample)) != expected_digest:
+        return label, "content differs from its digest in the index (changed bytes)"
+    if not any(ext in sample for ext in (*IMAGE_EXTS, "jpeg")):
+        return label, "no image member"
+    return label, None
+
+
+def check_shard(check: ShardCheck) -> tuple[int, dict[int, int], list[str]]:
+    """Re-read one shard: (samples, label histogram, problems naming the key and what is wrong)."""
+    problems: list[str] = []
+    if check.sha256 is not None:
+        h = hashlib.sha256()
+        with open(check.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != check.sha256:
+            problems.append("file differs from the SHA-256 recorded in _info.json")
     hist: Counter[int] = Counter()
     n = 0
     try:
-        for sample in wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()):
-            n += 1
-            if not any(ext in sample for ext in (*IMAGE_EXTS, "jpeg")):
-                return n, dict(hist), f"sample {sample['__key__']} has no image"
-            hist[int(sample["cls"])] += 1
-    except Exception as err:  # a truncated or garbled tar: reported, not raised
-        return n, dict(hist), f"unreadable ({type(err).__name__}: {err})"
-    return n, dict(hist), None
+        for position, sample in read_shard(check.path):
+            n = position + 1
+            key = sample["__key__"]
+            if position >= len(check.labels):
+                problems.append(f"sample {key}: beyond the {len(check.labels)} samples of the metadata")
+                continue
+            label, problem = sample_problem(sample, check.digests[position] if check.digests else None,
+                                            check.num_classes)
+            if label is not None:
+                hist[label] += 1
+            if problem is None:
+                image = next(sample[k] for k in (*IMAGE_EXTS, "jpeg") if k in sample)
+                try:
+                    _check_image(key, image)
+                except ValueError as err:
+                    problem = str(err.__cause__)
+            if problem is None and label != check.labels[position]:
+                problem = f"label {label}, the index says {check.labels[position]}"
+            if problem:
+                problems.append(f"sample {key}: {problem}")
+    except Exception as err:  # a garbled tar: reported, not raised
+        problems.append(f"unreadable after {n} samples ({type(err).__name__}: {err})")
+    if n < len(check.labels):
+        problems.append(f"{n} samples, metadata says {len(check.labels)} (truncated?)")
+    if len(problems) > MAX_PROBLEMS_PER_SHARD:
+        problems[MAX_PROBLEMS_PER_SHARD:] = [f"... and {len(problems) - MAX_PROBLEMS_PER_SHARD} more problems"]
+    return n, dict(hist), problems
 
 
 def verify(root: str | os.PathLike, split: str | None = None, num_workers: int = 1) -> list[str]:
-    """Re-count every shard's samples and labels against ``_info.json``; return one line per mismatch."""
+    """Re-read every shard against the metadata: file SHA-256, sample count, and per sample its content digest,
+    label and image header. One line per problem, naming the shard and the sample key."""
     root = Path(root)
     info = load_info(root)
     splits = info.get("splits", {})
@@ -398,16 +537,28 @@ def verify(root: str | os.PathLike, split: str | None = None, num_workers: int =
         if name not in splits:
             return [f"split {name!r} not in {root / INFO_NAME} (has {sorted(splits)})"]
         entry = splits[name]
+        try:
+            indexed = {s["url"]: s for s in read_shardlist(root, name)}
+        except FileNotFoundError as err:
+            problems.append(str(err))
+            indexed = {}
         paths = [str(root / f) for f in entry["filenames"]]
+        sha256 = entry.get("shard_sha256") or [None] * len(paths)
         missing = [p for p in paths if not os.path.isfile(p)]
         problems += [f"{p}: missing" for p in missing]
-        present = [p for p in paths if p not in missing]
+        checks = []
+        for fname, path, n, digest in zip(entry["filenames"], paths, entry["shard_lengths"], sha256):
+            if path in missing:
+                continue
+            shard_index = indexed.get(fname, {})
+            labels = shard_index.get("labels", [-1] * n)
+            checks.append(ShardCheck(path, labels, shard_index.get("digests"), digest, entry["num_classes"]))
         mapper: Callable = map
         pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
         if pool is not None:
             mapper = pool.map
         try:
-            counted = dict(zip(present, mapper(_count_shard, present)))
+            counted = dict(zip((c.path for c in checks), mapper(check_shard, checks)))
         finally:
             if pool is not None:
                 pool.shutdown()
@@ -415,11 +566,10 @@ def verify(root: str | os.PathLike, split: str | None = None, num_workers: int =
         for path, n_expected, hist_expected in zip(paths, entry["shard_lengths"], entry["shard_class_hist"]):
             if path not in counted:
                 continue
-            n, hist, error = counted[path]
+            n, hist, shard_problems = counted[path]
             totals.update(hist)
-            if error:
-                problems.append(f"{path}: {error}")
-            if n != n_expected:
+            problems += [f"{path}: {p}" for p in shard_problems]
+            if n != n_expected and not any("metadata says" in p for p in shard_problems):
                 problems.append(f"{path}: {n} samples, metadata says {n_expected}")
             expected = {int(k): v for k, v in hist_expected.items()}
             if hist != expected:
@@ -520,7 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     write.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     write.add_argument("--seed", type=int, default=0)
-    check = sub.add_parser("verify", help="re-count samples and labels against _info.json")
+    check = sub.add_parser(
+        "verify", help="re-read every shard: SHA-256, counts, and each sample's digest, label and image header"
+    )
     check.add_argument("root")
     check.add_argument("--split", default=None)
     check.add_argument("--workers", type=int, default=os.cpu_count() or 1)

@@ -129,11 +129,29 @@ def create_loaders(args: argparse.Namespace, train: Dataset, val: Dataset, rank:
     if sampler is not None and len(sampler) < args.batch_size:
         raise SystemExit(f"ltsam train: {len(sampler)} training samples per process are fewer than --batch-size "
                          f"{args.batch_size}; lower the batch size")
+    # workers persist where their randomness cannot change a resumed run: the stream reseeds its workers from
+    # (seed, epoch, rank, worker) every epoch, and evaluation draws nothing; a map-style training set's
+    # workers are seeded by the loader at each epoch's start, which only fresh workers follow
+    persist = args.workers > 0
     train_loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                              pin_memory=pin_memory, drop_last=True, persistent_workers=False)
+                              pin_memory=pin_memory, drop_last=True,
+                              persistent_workers=persist and isinstance(train, StreamingDataset))
     val_loader = DataLoader(val, batch_size=args.validation_batch_size or 2 * args.batch_size,
-                            sampler=range(rank, len(val), world_size), num_workers=args.workers, pin_memory=pin_memory)
+                            sampler=range(rank, len(val), world_size), num_workers=args.workers, pin_memory=pin_memory,
+                            persistent_workers=persist)
     return train_loader, val_loader
+
+
+def skipped_samples(*datasets: Dataset) -> dict:
+    """For results.json: samples the shard readers skipped as corrupt (this process's training and evaluation
+    sets), in all and by shard; empty for data sets that are not shards."""
+    by_shard: dict[str, int] = {}
+    for dataset in datasets:
+        for shard, n in getattr(dataset, "skipped_by_shard", dict)().items():
+            by_shard[shard] = by_shard.get(shard, 0) + n
+    if not any(hasattr(d, "skipped_by_shard") for d in datasets):
+        return {}
+    return {"skipped_samples": sum(by_shard.values()), "skipped_by_shard": by_shard}
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

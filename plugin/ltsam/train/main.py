@@ -315,6 +315,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     if args.tta:
         report = evaluate(model, val_loader, meter, True, autocast, device)
     if primary:
+        report = dict(report, **train_data.skipped_samples(train_loader.dataset, val_loader.dataset))
         finish(args, out, report, state, stop, num_epochs, earlier_s, time.perf_counter() - start_time, console)
 
 

@@ -1,0 +1,150 @@
+"""Damaged shards, end to end: verify, the stream and the wids reader each skip-count-report or fail by name.
+
+Five kinds of damage, made by rewriting a written shard: one flipped byte in an image, a label out of range,
+an image replaced by bytes that are no image, a shard truncated, a shard deleted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from test_shards import lt_arrays, write_lt
+from test_stream import identify
+from torch.utils.data import DataLoader
+
+from ltsam.data.shards import read_labels, verify
+from ltsam.data.stream import StreamingDataset
+from ltsam.data.wids_access import ShardIndexDataset
+
+POSITION = 3  # the damaged sample's position in the first shard holding more than 8 samples
+
+
+def rewrite_member(shard: Path, key: str, ext: str, change) -> None:
+    """Rewrite one member of a tar with ``change(bytes) -> bytes``, everything else kept."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            if m.name == f"{key}.{ext}":
+                data = change(data)
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def flip_byte(data: bytes) -> bytes:
+    i = len(data) // 2
+    return data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1 :]
+
+
+SAMPLE_DAMAGE = {
+    "flipped byte": ("png", flip_byte, "content differs from its digest"),
+    "label out of range": ("cls", lambda _: b"99", "label 99 is out of range for 10 classes"),
+    "non-image payload": ("png", lambda _: b"<html>not an image</html>", "content differs from its digest"),
+}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clean")
+    write_lt(root)
+    return root
+
+
+def damaged_copy(clean: Path, tmp_path: Path, damage: str) -> tuple[Path, str, str, int]:
+    """A copy of the clean set with one kind of damage: (root, shard name, key and index of the damaged
+    sample)."""
+    root = tmp_path / "shards"
+    shutil.copytree(clean, root)
+    shardlist = json.loads((root / "train_wids.json").read_text())["shardlist"]
+    shard = next(i for i, s in enumerate(shardlist) if s["nsamples"] > 8)
+    name = shardlist[shard]["url"]
+    with tarfile.open(root / name) as tar:
+        key = list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))[POSITION]
+    index = sum(s["nsamples"] for s in shardlist[:shard]) + POSITION
+    if damage in SAMPLE_DAMAGE:
+        ext, change, _ = SAMPLE_DAMAGE[damage]
+        rewrite_member(root / name, key, ext, change)
+    elif damage == "truncated":
+        data = (root / name).read_bytes()
+        (root / name).write_bytes(data[: len(data) // 2])
+    return root, name, key, index
+
+
+@pytest.mark.parametrize("damage", list(SAMPLE_DAMAGE))
+def test_verify_names_shard_key_and_what(clean, tmp_path, damage):
+    root, name, key, index = damaged_copy(clean, tmp_path, damage)
+    problems = verify(root)
+    assert any(name in p and f"sample {key}: {SAMPLE_DAMAGE[damage][2]}" in p for p in problems), problems
+    assert any(name in p and "SHA-256" in p for p in problems)
+
+
+def test_verify_names_truncated_and_deleted_shards(clean, tmp_path):
+    root, name, _, index = damaged_copy(clean, tmp_path, "truncated")
+    assert any(name in p and "metadata says" in p for p in verify(root))
+    (root / name).unlink()
+    assert any(name in p and "missing" in p for p in verify(root))
+
+
+@pytest.mark.parametrize("damage", list(SAMPLE_DAMAGE))
+def test_stream_skips_counts_and_names_a_damaged_sample(clean, tmp_path, caplog, damage):
+    root, name, key, index = damaged_copy(clean, tmp_path, damage)
+    ds = StreamingDataset(root, batch_size=1, transform=identify)  # one reader, batch 1: every sample read
+    with caplog.at_level(logging.WARNING, logger="ltsam.data"):
+        ids = torch.stack([x for x, _ in ds])
+    assert len(ids) == len(ds) == len(read_labels(root))  # the quota is still filled
+    assert ds.num_skipped == 1 and ds.skipped_by_shard() == {name: 1}
+    assert f"{name}: skipping sample {key}" in caplog.text
+    # what was trained on is the written data: every image's pixels match its label
+    assert len(set(ids[:, 0].tolist())) == len(ids) - 1
+
+
+@pytest.mark.parametrize("mode", ["instance", "balanced"])
+def test_stream_fails_at_epoch_end_on_a_truncated_shard(clean, tmp_path, mode):
+    root, name, _, index = damaged_copy(clean, tmp_path, "truncated")
+    ds = StreamingDataset(root, mode=mode, batch_size=4, samples_per_epoch=2000, transform=identify)
+    with pytest.raises(RuntimeError, match=rf"{name} holds \d+ of \d+ samples"):
+        for _ in DataLoader(ds, batch_size=4):
+            pass
+
+
+def test_stream_deleted_shard_fails_at_build_or_epoch_end(clean, tmp_path):
+    root, name, _, index = damaged_copy(clean, tmp_path, "none")
+    ds = StreamingDataset(root, batch_size=4, transform=identify)
+    (root / name).unlink()  # deleted while training
+    with pytest.raises(RuntimeError, match=rf"{name} holds 0 of \d+ samples"):
+        list(ds)
+    with pytest.raises(FileNotFoundError, match=name):
+        StreamingDataset(root)
+
+
+@pytest.mark.parametrize("damage", list(SAMPLE_DAMAGE))
+def test_wids_skips_counts_and_names_a_damaged_sample(clean, tmp_path, caplog, damage):
+    root, name, key, index = damaged_copy(clean, tmp_path, damage)
+    ds = ShardIndexDataset(root, transform=identify)
+    with caplog.at_level(logging.WARNING, logger="ltsam.data"):
+        ident, label = ds[index]
+    _, labels = lt_arrays()
+    # the class's next sample stands in: same label, another image
+    written = ShardIndexDataset(clean, transform=identify)[index][0]
+    assert label == ds.targets[index] == ident[1] == written[1] and ident[0] != written[0]
+    assert labels[int(ident[0])] == label and ds.num_skipped == 1
+    assert ds.skipped_by_shard() == {name: 1} and f"{name}: skipping sample {key}" in caplog.text
+    ds[index]  # counted again, logged once per shard
+    assert ds.num_skipped == 2 and caplog.text.count("skipping sample") == 1
+
+
+def test_wids_fails_on_a_truncated_shard_and_a_deleted_one(clean, tmp_path):
+    root, name, _, index = damaged_copy(clean, tmp_path, "truncated")
+    ds = ShardIndexDataset(root)
+    with pytest.raises(RuntimeError, match=name):
+        ds[index]
+    (root / name).unlink()
+    with pytest.raises(FileNotFoundError, match=name):
+        ShardIndexDataset(root)
