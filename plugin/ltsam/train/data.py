@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
@@ -132,14 +133,21 @@ def create_loaders(args: argparse.Namespace, train: Dataset, val: Dataset, rank:
     # workers persist where their randomness cannot change a resumed run: the stream reseeds its workers from
     # (seed, epoch, rank, worker) every epoch, and evaluation draws nothing; a map-style training set's
     # workers are seeded by the loader at each epoch's start, which only fresh workers follow
+    # workers that persist take their seed from a loader generator, not the global RNG, so the global RNG
+    # advances alike whether the workers started in this attempt or in an earlier one (exact resume)
     persist = args.workers > 0
+    persist_train = persist and isinstance(train, StreamingDataset)
     train_loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                              pin_memory=pin_memory, drop_last=True,
-                              persistent_workers=persist and isinstance(train, StreamingDataset))
+                              pin_memory=pin_memory, drop_last=True, persistent_workers=persist_train,
+                              generator=_own_generator(args.seed) if persist_train else None)
     val_loader = DataLoader(val, batch_size=args.validation_batch_size or 2 * args.batch_size,
                             sampler=range(rank, len(val), world_size), num_workers=args.workers, pin_memory=pin_memory,
-                            persistent_workers=persist)
+                            persistent_workers=persist, generator=_own_generator(args.seed))
     return train_loader, val_loader
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def skipped_samples(*datasets: Dataset) -> dict:
