@@ -82,7 +82,7 @@ from ltsam.optim.batchnorm import (
     buffers_of,
     is_distributed,
 )
-from ltsam.optim.radius import check_radius_schedule, create_radius_scheduler
+from ltsam.optim.radius import RadiusScheduler, check_radius_schedule, create_radius_scheduler
 
 # closure(index=None) -> per-sample losses; with an index tensor, losses of that subset of the batch only
 LossClosure = Callable[..., Tensor]
@@ -231,6 +231,7 @@ class SAMFamily(torch.optim.Optimizer):
         self.subset_forward = subset_forward
         self.epochs = epochs
         self.epoch = 0
+        self._radius_scheduler: RadiusScheduler | None = None
         self._skipped: Tensor | int = 0
         self._last_finite: Tensor | None = None
         self._checks: list[tuple[Tensor, Callable[[], Exception]]] = []
@@ -294,16 +295,14 @@ class SAMFamily(torch.optim.Optimizer):
         ``rho_sched`` the radii in ``param_groups`` become those of this 0-based epoch. They are a function of the
         epoch alone (from ``initial_<radius>``, kept in ``state_dict``), so a resumed run needs no other state."""
         self.epoch = int(epoch)
-        scheduler = create_radius_scheduler(self, epochs=self.epochs, **self.radius_schedule)
-        if scheduler is not None:
-            scheduler.step(self.epoch)
+        self._radius_scheduler = create_radius_scheduler(self, epochs=self.epochs, **self.radius_schedule)
+        if self._radius_scheduler is not None:
+            self._radius_scheduler.step(self.epoch)
 
     def scheduled_radii(self) -> dict[str, float]:
-        """The radii now in force (first param group) under ``rho_sched``, e.g. for the epoch summary; empty
-        without a schedule."""
-        if self.radius_schedule["sched"] == "none":
-            return {}
-        return {name: float(self.param_groups[0][name]) for name in self.radius_names}
+        """The radii ``rho_sched`` set last (first param group), e.g. for the epoch summary; empty without a
+        schedule."""
+        return {} if self._radius_scheduler is None else self._radius_scheduler.values()
 
     def attach(self, model: nn.Module) -> SAMFamily:
         """Tell the engine which model the closure runs, for BatchNorm bookkeeping and subset forwards."""
