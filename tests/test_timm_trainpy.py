@@ -242,6 +242,37 @@ def test_ssesam_stage_follows_epochs_plus_cooldown(train_module, num_updates_tot
     assert opt.stage == 2
 
 
+class _RadiusProbe(list):
+    """Batches that record the optimizer's radius in force when train.py iterates them."""
+
+    def __init__(self, batches, optimizer) -> None:
+        super().__init__(batches)
+        self.optimizer, self.seen = optimizer, []
+
+    def __iter__(self):
+        self.seen.append(self.optimizer.param_groups[0]["rho"])
+        return super().__iter__()
+
+
+@needs_train_py
+def test_opt_kwargs_rho_sched_schedules_the_radius_in_train_py(train_module):
+    """--opt-kwargs rho_sched=multistep rho_decay_milestones=[2] rho_decay_rate=2, parsed by train.py's own parser:
+    epochs 0, 1, 2 train with rho 0.1, 0.2, 0.2 (timm's multistep: milestone m from the 0-based epoch m - 1)."""
+    parsed = train_module.parser.parse_args(["--opt-kwargs", "rho_sched=multistep", "rho_decay_milestones=[2]",
+                                             "rho_decay_rate=2"]).opt_kwargs
+    assert parsed == {"rho_sched": "multistep", "rho_decay_milestones": [2], "rho_decay_rate": 2}
+    model = conv_bn_net()
+    opt = timm.optim.create_optimizer_v2(model, opt="focalsam", lr=0.05, class_counts=CLASS_COUNTS, rho=0.1,
+                                         **parsed)
+    data = _RadiusProbe(batches(1), opt)
+    for epoch in range(3):
+        train_module.train_one_epoch(**_epoch_kwargs(train_module, model, opt, data, nn.CrossEntropyLoss(),
+                                                     args={"epochs": 3}, epoch=epoch))
+        assert opt.epoch == epoch + 1 and opt.param_groups[0]["rho"] == pytest.approx(0.2)  # next_epoch's radius
+    assert data.seen == pytest.approx([0.1, 0.2, 0.2])
+    assert all(g["rho"] == pytest.approx(0.2) for g in opt.param_groups)
+
+
 def _fresh_train_module(tag: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"unhooked_train_py_{tag.replace('.', '_')}", train_py(tag))
     module = importlib.util.module_from_spec(spec)

@@ -186,10 +186,27 @@ def test_radius_schedule_errors(kwargs, message):
 
 def test_rho_sched_with_a_plain_optimizer_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"--opt sgd: --rho-sched=cosine schedules SAM-family radii"):
-        from ltsam.train.main import build_radius_scheduler
+        trainer(tmp_path, conv_bn_net(), "--opt", "sgd", "--rho-sched", "cosine")
+    with pytest.raises(SystemExit, match=r"--opt-kwargs rho_sched and --rho-sched both schedule"):
+        trainer(tmp_path, conv_bn_net(), "--opt", "sam", "--rho-sched", "cosine", "--opt-kwargs", "rho_sched=step")
+    with pytest.raises(SystemExit, match=r"--rho-sched=step needs --rho-decay-epochs > 0"):
+        trainer(tmp_path, conv_bn_net(), "--opt", "sam", "--rho-sched", "step")
 
-        args = parse_args(["--rho-sched", "cosine"])
-        build_radius_scheduler(args, torch.optim.SGD(conv_bn_net().parameters(), lr=0.1))
+
+@pytest.mark.parametrize("options, message", [
+    (dict(rho_sched="multistep"), "rho_sched=multistep needs rho_decay_milestones"),
+    (dict(rho_sched="multistep", rho_decay_milestones="[2]"), "rho_decay_milestones='\\[2\\]' must be epochs"),
+    (dict(rho_sched="cosine", epochs=0), "rho_sched=cosine needs the number of epochs"),
+])
+def test_the_optimizers_own_schedule_options_are_checked_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        timm.optim.create_optimizer_v2(conv_bn_net(), opt="sam", lr=0.1, **options)
+    opt = timm.optim.create_optimizer_v2(conv_bn_net(), opt="sam", lr=0.1, rho_sched="cosine")  # epochs come later
+    with pytest.raises(ValueError, match="the optimizer's epochs=N"):
+        opt.set_epoch(0)
+    opt.epochs = 4
+    opt.set_epoch(2)
+    assert opt.param_groups[0]["rho"] == pytest.approx(0.05 * 0.5)  # cosine half way, to rho_min 0
 
 
 @needs_train_py
@@ -252,28 +269,55 @@ SCHEDULED = {
 }
 
 
-@pytest.mark.parametrize("method", SCHEDULED)
-def test_scheduled_radius_equals_a_re_derivation_with_that_radius_per_step(tmp_path, method):
-    """--rho-sched multistep, milestone 2, rate 2: every radius doubles from the 0-based epoch 1 on."""
-    from ltsam.train.main import build_radius_scheduler
+SCHEDULE_FLAGS = ["--rho-sched", "multistep", "--rho-decay-milestones", "2", "--rho-decay-rate", "2"]
+# the same schedule as the optimizer's own options, as train.py's --opt-kwargs hand them to its constructor
+SCHEDULE_KWARGS = ["rho_sched=multistep", "rho_decay_milestones=[2]", "rho_decay_rate=2"]
 
+
+@pytest.mark.parametrize("schedule", ["--rho-sched", "opt-kwargs"])
+@pytest.mark.parametrize("method", SCHEDULED)
+def test_scheduled_radius_equals_a_re_derivation_with_that_radius_per_step(tmp_path, method, schedule):
+    """multistep, milestone 2, rate 2, from ltsam train's flags or the optimizer's own options: every radius
+    doubles from the 0-based epoch 1 on, and each step is the official one with that epoch's radius."""
     torch.manual_seed(3)
     ours = conv_bn_net()
     ref = copy.deepcopy(ours)
     flags, official_step = SCHEDULED[method]
-    schedule_flags = ["--rho-sched", "multistep", "--rho-decay-milestones", "2", "--rho-decay-rate", "2"]
+    flags = [*flags, *SCHEDULE_KWARGS] if schedule == "opt-kwargs" else [*flags, *SCHEDULE_FLAGS]
     args, optimizer, ctx = trainer(tmp_path, ours, "--opt", method, *flags, "--wd-profile", "official", "--epochs",
-                                   "3", *schedule_flags)
-    schedule = build_radius_scheduler(args, optimizer)
+                                   "3")
+    base = {name: optimizer.param_groups[0][name] for name in optimizer.radius_names}
     reference = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     data = batches(6)
     for epoch in range(3):
         optimizer.set_epoch(epoch)
-        schedule.step(epoch)
+        scale = 2.0 if epoch + 1 >= 2 else 1.0  # timm's multistep: milestone m from the 0-based epoch m - 1
+        assert optimizer.scheduled_radii() == pytest.approx({k: v * scale for k, v in base.items()})
+        assert all(g[k] == pytest.approx(v * scale) for g in optimizer.param_groups for k, v in base.items())
         for x, y in data[2 * epoch: 2 * epoch + 2]:
             train_step(ctx, x, y)
-            official_step(ref, reference, x, y, 2.0 if epoch >= 1 else 1.0)
+            official_step(ref, reference, x, y, scale)
     assert_same_state(ours, ref)
+
+
+def test_scheduled_radii_after_loading_a_checkpoint_are_those_of_the_epoch():
+    """A fresh optimizer that loads a state_dict saved at epoch 2 (radius doubled) and sets epoch e has the
+    radii an uninterrupted run has at e, before and after the milestone."""
+    options = dict(opt="focalsam", lr=0.1, class_counts=CLASS_COUNTS, rho=0.1, rho_sched="multistep",
+                   rho_decay_milestones=[160], rho_decay_rate=2.0, epochs=200)
+    model = conv_bn_net()
+    running = timm.optim.create_optimizer_v2(model, **options)
+    running.set_epoch(170)
+    saved = copy.deepcopy(running.state_dict())
+    assert running.param_groups[0]["rho"] == pytest.approx(0.2)
+    for epoch in (0, 158, 159, 170):
+        resumed = timm.optim.create_optimizer_v2(model, **options)
+        resumed.load_state_dict(saved)
+        resumed.set_epoch(epoch)
+        running.set_epoch(epoch)
+        expected = 0.1 if epoch + 1 < 160 else 0.2
+        assert [g["rho"] for g in resumed.param_groups] == pytest.approx([expected] * len(resumed.param_groups))
+        assert [g["rho"] for g in running.param_groups] == [g["rho"] for g in resumed.param_groups]
 
 
 def test_rho_sched_end_to_end_writes_the_radii_and_resumes_them(tmp_path, one_thread):

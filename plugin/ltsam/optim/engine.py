@@ -15,6 +15,10 @@ already has the key keeps its value) and of ``defaults`` (so ``add_param_group``
 them at every step, so ``timm.scheduler`` with ``param_group_field="rho"`` schedules them, and
 ``state_dict()`` / ``load_state_dict()`` carry them. If param groups hold different values, each parameter is
 perturbed with its group's radius (the direction's norm stays global). Negative values are refused.
+The optimizer's own ``rho_sched`` options (``step`` / ``multistep`` / ``cosine`` with ``rho_decay_epochs``,
+``rho_decay_milestones``, ``rho_decay_rate``, ``rho_min``: :mod:`ltsam.optim.radius`) put timm's schedulers on
+every radius in :meth:`SAMFamily.set_epoch` / :meth:`SAMFamily.next_epoch`, so ``ltsam train --rho-sched`` and
+train.py's ``--opt-kwargs rho_sched=...`` take the same path.
 
 **The pass plan.** Each step first builds a :class:`PassPlan` (:meth:`SAMFamily.plan`): which forwards run
 at w and which weighted gradients (VJPs) each serves, which groups get a perturbed pass and over which
@@ -59,7 +63,7 @@ itself reads its inf flag, as it does for any optimizer.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -78,6 +82,7 @@ from ltsam.optim.batchnorm import (
     buffers_of,
     is_distributed,
 )
+from ltsam.optim.radius import RadiusScheduler, check_radius_schedule, create_radius_scheduler
 
 # closure(index=None) -> per-sample losses; with an index tensor, losses of that subset of the batch only
 LossClosure = Callable[..., Tensor]
@@ -189,12 +194,22 @@ class SAMFamily(torch.optim.Optimizer):
         bn_mode: str = "reference",
         subset_forward: bool | None = None,
         epochs: int | None = None,
+        rho_sched: str = "none",
+        rho_decay_epochs: float | None = None,
+        rho_decay_milestones: int | Sequence[int] = (),
+        rho_decay_rate: float = 0.1,
+        rho_min: float = 0.0,
         **base_kwargs,
     ) -> None:
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode='{bn_mode}' is not one of {BN_MODES}")
         if "_" in base or base.replace("-", "") in _SAM_NAMES:
             raise ValueError(f"base='{base}' must be a plain timm optimizer name such as 'sgd', 'momentum' or 'adamw'")
+        # the radius schedule (options named as ltsam train's --rho-* flags), applied by set_epoch / next_epoch
+        self.radius_schedule = dict(sched=rho_sched, decay_epochs=rho_decay_epochs, decay_rate=rho_decay_rate,
+                                    min_rho=rho_min, decay_milestones=check_radius_schedule(
+                                        rho_sched, epochs, rho_decay_epochs, rho_decay_milestones, rho_decay_rate,
+                                        rho_min))
         try:
             self.base_optimizer = create_optimizer_v2(params, opt=base, **base_kwargs)
         except TypeError as err:
@@ -216,6 +231,7 @@ class SAMFamily(torch.optim.Optimizer):
         self.subset_forward = subset_forward
         self.epochs = epochs
         self.epoch = 0
+        self._radius_scheduler: RadiusScheduler | None = None
         self._skipped: Tensor | int = 0
         self._last_finite: Tensor | None = None
         self._checks: list[tuple[Tensor, Callable[[], Exception]]] = []
@@ -271,12 +287,22 @@ class SAMFamily(torch.optim.Optimizer):
 
     # -- training progress -----------------------------------------------------------------------------
     def next_epoch(self) -> None:
-        """Call once after each training epoch; methods with a schedule (SSE-SAM's stage) follow it."""
-        self.epoch += 1
+        """Call once after each training epoch; methods with a schedule (SSE-SAM's stage, ``rho_sched``) follow it."""
+        self.set_epoch(self.epoch + 1)
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the number of finished epochs directly (for trainers that count epochs themselves)."""
+        """Set the number of finished epochs directly (for trainers that count epochs themselves); with
+        ``rho_sched`` the radii in ``param_groups`` become those of this 0-based epoch. They are a function of the
+        epoch alone (from ``initial_<radius>``, kept in ``state_dict``), so a resumed run needs no other state."""
         self.epoch = int(epoch)
+        self._radius_scheduler = create_radius_scheduler(self, epochs=self.epochs, **self.radius_schedule)
+        if self._radius_scheduler is not None:
+            self._radius_scheduler.step(self.epoch)
+
+    def scheduled_radii(self) -> dict[str, float]:
+        """The radii ``rho_sched`` set last (first param group), e.g. for the epoch summary; empty without a
+        schedule."""
+        return {} if self._radius_scheduler is None else self._radius_scheduler.values()
 
     def attach(self, model: nn.Module) -> SAMFamily:
         """Tell the engine which model the closure runs, for BatchNorm bookkeeping and subset forwards."""

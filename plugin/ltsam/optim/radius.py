@@ -59,31 +59,48 @@ class RadiusScheduler:
         return {s.param_group_field: float(group[s.param_group_field]) for s in self.schedulers}
 
 
+def check_radius_schedule(sched: str = "none", epochs: int | None = None, decay_epochs: float | None = None,
+                          decay_milestones: int | Sequence[int] = (), decay_rate: float = 0.1,
+                          min_rho: float = 0.0) -> tuple[int, ...]:
+    """Refuse options that schedule nothing sensible (named as the optimizer's ``rho_*`` options); returns the
+    milestones as a tuple (one int is one milestone: train.py's ``--opt-kwargs rho_decay_milestones=160``).
+    ``epochs=None`` defers cosine's check to the epoch the schedule is first applied."""
+    if sched not in SCHEDULES:
+        raise ValueError(f"rho_sched={sched!r} is not one of {', '.join(SCHEDULES)}")
+    milestones = (decay_milestones,) if isinstance(decay_milestones, int | float) else tuple(decay_milestones)
+    if sched == "step" and not (decay_epochs and decay_epochs > 0):
+        raise ValueError(f"rho_sched=step needs rho_decay_epochs > 0 (got {decay_epochs})")
+    if sched == "multistep" and not milestones:
+        raise ValueError("rho_sched=multistep needs rho_decay_milestones (epochs, e.g. 160)")
+    if not all(isinstance(m, int | float) and m > 0 for m in milestones):
+        raise ValueError(f"rho_decay_milestones={decay_milestones!r} must be epochs > 0 (a number or a list)")
+    if sched == "cosine" and epochs is not None and not epochs > 0:
+        raise ValueError(f"rho_sched=cosine needs the number of epochs (got {epochs})")
+    if min_rho < 0 or decay_rate < 0:
+        raise ValueError(f"rho_min={min_rho} and rho_decay_rate={decay_rate} must be >= 0 (radii are >= 0)")
+    return milestones
+
+
 def create_radius_scheduler(optimizer: torch.optim.Optimizer, sched: str = "none", epochs: int | None = None,
-                            decay_epochs: float | None = None, decay_milestones: Sequence[int] = (),
+                            decay_epochs: float | None = None, decay_milestones: int | Sequence[int] = (),
                             decay_rate: float = 0.1, min_rho: float = 0.0) -> RadiusScheduler | None:
     """A schedule for every radius of ``optimizer`` (None for ``sched="none"``), named like timm's lr options:
     ``step`` multiplies by ``decay_rate`` every ``decay_epochs``, ``multistep`` at each of ``decay_milestones``,
-    ``cosine`` anneals from the configured radius to ``min_rho`` over ``epochs``."""
-    if sched not in SCHEDULES:
-        raise ValueError(f"rho_sched={sched!r} is not one of {', '.join(SCHEDULES)}")
+    ``cosine`` anneals from the configured radius to ``min_rho`` over ``epochs``. Each radius starts from its
+    param groups' ``initial_<field>`` (timm's record of the configured value, kept in ``state_dict``)."""
+    milestones = check_radius_schedule(sched, epochs, decay_epochs, decay_milestones, decay_rate, min_rho)
     if sched == "none":
         return None
     fields = getattr(optimizer, "radius_names", ())  # the radii a SAM-family method declared (add_radii)
     if not fields:
         raise ValueError(f"rho_sched={sched} schedules SAM-family radii (param group fields such as rho, head_rho, "
                          f"tail_rho); {type(optimizer).__name__} has none")
-    if sched == "step" and not (decay_epochs and decay_epochs > 0):
-        raise ValueError(f"rho_sched=step needs rho_decay_epochs > 0 (got {decay_epochs})")
-    if sched == "multistep" and not decay_milestones:
-        raise ValueError("rho_sched=multistep needs rho_decay_milestones (epochs, e.g. 160)")
-    if sched == "cosine" and not (epochs and epochs > 0):
-        raise ValueError(f"rho_sched=cosine needs the number of epochs (got {epochs})")
-    if min_rho < 0 or decay_rate < 0:
-        raise ValueError(f"rho_min={min_rho} and rho_decay_rate={decay_rate} must be >= 0 (radii are >= 0)")
+    if sched == "cosine" and epochs is None:
+        raise ValueError("rho_sched=cosine needs the number of epochs (the optimizer's epochs=N; ltsam train and "
+                         "ltsam.timm set it to the scheduled total)")
     build = {
         "step": lambda cls: cls(optimizer, decay_t=decay_epochs, decay_rate=decay_rate),
-        "multistep": lambda cls: cls(optimizer, decay_t=sorted(decay_milestones), decay_rate=decay_rate),
+        "multistep": lambda cls: cls(optimizer, decay_t=sorted(milestones), decay_rate=decay_rate),
         "cosine": lambda cls: cls(optimizer, t_initial=epochs, lr_min=min_rho),
     }[sched]
     base = {"step": StepLRScheduler, "multistep": MultiStepLRScheduler, "cosine": CosineLRScheduler}[sched]

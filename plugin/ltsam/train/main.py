@@ -28,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ltsam.losses import create_loss
 from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report
 from ltsam.optim import SAMFamily
-from ltsam.optim.radius import RadiusScheduler, create_radius_scheduler
 from ltsam.train import args as cli_args
 from ltsam.train import data as train_data
 from ltsam.train import distributed as dist_utils
@@ -107,20 +106,31 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, counts_fil
             raise SystemExit(f"ltsam train: --eta (the tail threshold) applies to imbsam and ssesam, "
                              f"not --opt {args.opt}")
         kwargs.setdefault("eta", args.eta)
+    kwargs.update(radius_schedule_kwargs(args, sam))
     try:
         return create_optimizer_v2(weight_decay_params(args, model, kwargs), **kwargs)
     except (TypeError, ValueError) as err:
-        raise SystemExit(f"ltsam train: cannot build --opt {args.opt}: {err}") from err
+        message = str(err)
+        if args.rho_sched != "none":  # the flags as typed
+            message = re.sub(r"\brho_[a-z_]+", lambda m: "--" + m.group(0).replace("_", "-"), message)
+        raise SystemExit(f"ltsam train: cannot build --opt {args.opt}: {message}") from err
 
 
-def build_radius_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer) -> RadiusScheduler | None:
-    """``--rho-sched`` and its options as timm schedulers on the optimizer's radius fields."""
-    try:
-        return create_radius_scheduler(optimizer, args.rho_sched, args.epochs, args.rho_decay_epochs,
-                                       args.rho_decay_milestones or (), args.rho_decay_rate, args.rho_min)
-    except ValueError as err:
-        flags = re.sub(r"\brho_[a-z_]+", lambda m: "--" + m.group(0).replace("_", "-"), str(err))  # as typed
-        raise SystemExit(f"ltsam train: --opt {args.opt}: {flags}") from None
+def radius_schedule_kwargs(args: argparse.Namespace, sam: bool) -> dict:
+    """``--rho-sched`` and its options as the SAM-family optimizer's own ``rho_*`` options: the one path that
+    train.py's ``--opt-kwargs rho_sched=...`` takes too (``set_epoch`` applies them)."""
+    if args.rho_sched == "none":
+        return {}
+    if not sam:
+        raise SystemExit(f"ltsam train: --opt {args.opt}: --rho-sched={args.rho_sched} schedules SAM-family radii "
+                         "(rho, head_rho, tail_rho); plain optimizers have none")
+    options = dict(rho_sched=args.rho_sched, rho_decay_epochs=args.rho_decay_epochs,
+                   rho_decay_milestones=args.rho_decay_milestones or (), rho_decay_rate=args.rho_decay_rate,
+                   rho_min=args.rho_min)
+    twice = sorted(set(options) & set(args.opt_kwargs))
+    if twice:
+        raise SystemExit(f"ltsam train: --opt-kwargs {twice[0]} and --rho-sched both schedule the radii; use one")
+    return options
 
 
 def weight_decay_params(args: argparse.Namespace, model: torch.nn.Module, kwargs: dict):
@@ -223,7 +233,6 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
                                                                                     args.grad_accum_steps))
     if sam and "epochs" not in args.opt_kwargs:
         optimizer.epochs = num_epochs  # SSE-SAM's stage follows the scheduled total: --epochs + --cooldown-epochs
-    rho_scheduler = build_radius_scheduler(args, optimizer)
 
     state = TrainState()
     saver = Saver(model, optimizer, args, model_ema, scheduler, scaler, state, out, args.checkpoint_hist) \
@@ -264,13 +273,11 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
             criterion.set_epoch(epoch)
             if sam:
                 optimizer.set_epoch(epoch)
-            if rho_scheduler is not None:
-                rho_scheduler.step(epoch)  # this epoch's radii, from the epoch alone: a resumed run needs no state
             try:
                 train_metrics = train_one_epoch(ctx, train_loader, epoch, state, scheduler, model_ema, progress,
                                                 args.world_size, args.log_interval, device, stop_request)
-                if rho_scheduler is not None:
-                    train_metrics.update(rho_scheduler.values())  # radius columns in summary.csv
+                if sam:
+                    train_metrics.update(optimizer.scheduled_radii())  # --rho-sched: radius columns in summary.csv
             except NonFiniteLoss as err:
                 last = out / LAST
                 kept = f"the last good checkpoint is '{last}'" if last.is_file() else "no checkpoint was written"
