@@ -123,3 +123,22 @@ def test_trainer_reports_skips_in_results_and_stops_on_a_truncated_shard(digits_
     (root / name).write_bytes((root / name).read_bytes()[:3000])
     with pytest.raises(RuntimeError, match=name):
         run(root, tmp_path, "--dataset", dataset, "--epochs", "1", "--opt", "sgd", experiment="truncated")
+
+
+def test_skip_counts_in_results_are_summed_over_ranks():
+    """results.json counts every rank's skips, not only rank 0's: each rank's counts per shard, gathered, add up."""
+
+    class Reader:
+        def __init__(self, counts: dict[str, int]) -> None:
+            self.counts = counts
+
+        def skipped_by_shard(self) -> dict[str, int]:
+            return dict(self.counts)
+
+    train, val = Reader({"a.tar": 2}), Reader({"b.tar": 1})
+    other_rank = {"a.tar": 3, "c.tar": 4}
+    gathered = train_data.skipped_samples(train, val, gather=lambda local: [local, other_rank])
+    assert gathered == {"skipped_samples": 10, "skipped_by_shard": {"a.tar": 5, "b.tar": 1, "c.tar": 4}}
+    assert train_data.skipped_samples(train, val) == {"skipped_samples": 3,
+                                                      "skipped_by_shard": {"a.tar": 2, "b.tar": 1}}
+    assert train_data.skipped_samples(object(), object(), gather=lambda local: [local, other_rank]) == {}

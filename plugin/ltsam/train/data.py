@@ -11,6 +11,7 @@ through ``wids``, so every map-style sampler applies exactly. Evaluation reads b
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -150,15 +151,20 @@ def _own_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def skipped_samples(*datasets: Dataset) -> dict:
-    """For results.json: samples the shard readers skipped as corrupt (this process's training and evaluation
-    sets), in all and by shard; empty for data sets that are not shards."""
-    by_shard: dict[str, int] = {}
-    for dataset in datasets:
-        for shard, n in getattr(dataset, "skipped_by_shard", dict)().items():
-            by_shard[shard] = by_shard.get(shard, 0) + n
+def skipped_samples(*datasets: Dataset, gather: Callable[[dict], list[dict]] = lambda local: [local]) -> dict:
+    """For results.json: samples the shard readers skipped as corrupt (training and evaluation sets), in all and
+    by shard, summed over the ranks ``gather`` collects (``distributed.all_gather``: every rank calls it);
+    empty for data sets that are not shards."""
     if not any(hasattr(d, "skipped_by_shard") for d in datasets):
         return {}
+    local: dict[str, int] = {}
+    for dataset in datasets:
+        for shard, n in getattr(dataset, "skipped_by_shard", dict)().items():
+            local[shard] = local.get(shard, 0) + n
+    by_shard: dict[str, int] = {}
+    for counts in gather(local):
+        for shard, n in counts.items():
+            by_shard[shard] = by_shard.get(shard, 0) + n
     return {"skipped_samples": sum(by_shard.values()), "skipped_by_shard": by_shard}
 
 

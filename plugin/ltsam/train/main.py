@@ -321,8 +321,9 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
         report = evaluate(model, val_loader, meter, False, autocast, device)
     if args.tta:
         report = evaluate(model, val_loader, meter, True, autocast, device)
+    skipped = train_data.skipped_samples(train_loader.dataset, val_loader.dataset, gather=dist_utils.all_gather)
     if primary:
-        report = dict(report, **train_data.skipped_samples(train_loader.dataset, val_loader.dataset))
+        report = dict(report, **skipped)
         finish(args, out, report, state, stop, num_epochs, earlier_s, time.perf_counter() - start_time, console)
 
 
