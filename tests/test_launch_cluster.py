@@ -123,7 +123,7 @@ def test_hostile_values_stay_one_argument_each(tmp_path):
     subprocess.run(["bash", "-n", str(script)], check=True)
 
     env = {"PATH": f"{tools}:/usr/bin:/bin", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n[7-8]",
-           "HOME": "/home/u"}
+           "HOME": str(tmp_path / "home")}  # set, so an unquoted $HOME would show
     run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
