@@ -25,7 +25,7 @@ from ltsam.metrics import LongTailAccuracy
 from ltsam.optim import SAMFamily
 from ltsam.optim import deepspeed as ltsam_deepspeed
 from ltsam.train.distributed import all_reduce_sum, rng_state, set_rng_state
-from ltsam.train.preempt import StopRequest, maybe_signal
+from ltsam.train.preempt import StopRequest, fault_hook_due, maybe_signal
 
 # test-only fault injection: rank LTSAM_FAULT_RANK (default 1) calls os._exit(1) right after update
 # LTSAM_FAULT_AT_STEP, once: the marker file LTSAM_FAULT_MARKER keeps the restarted group alive
@@ -220,8 +220,7 @@ def evaluate(module: nn.Module, loader: DataLoader, meter: LongTailAccuracy, tta
 
 
 def _maybe_fault(step: int) -> None:
-    at = os.environ.get(FAULT_ENV[0])
-    if at is None or int(at) != step or int(os.environ.get("RANK", "0")) != int(os.environ.get(FAULT_ENV[2], "1")):
+    if not fault_hook_due(step, FAULT_ENV[0], FAULT_ENV[2], default_rank=1):
         return
     marker = Path(os.environ[FAULT_ENV[1]])
     if marker.exists():

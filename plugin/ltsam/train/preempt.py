@@ -53,8 +53,14 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
 
 
+def fault_hook_due(step: int, at_variable: str, rank_variable: str, default_rank: int) -> bool:
+    """Whether a test-only hook fires now: this process's rank is the chosen one and ``step`` the chosen update."""
+    at = os.environ.get(at_variable)
+    return at is not None and int(at) == step and \
+        int(os.environ.get("RANK", "0")) == int(os.environ.get(rank_variable, default_rank))
+
+
 def maybe_signal(step: int) -> None:
     """The test hook of ``SIGNAL_ENV``."""
-    at = os.environ.get(SIGNAL_ENV[0])
-    if at is not None and int(at) == step and os.environ.get("RANK", "0") == os.environ.get(SIGNAL_ENV[1], "0"):
+    if fault_hook_due(step, *SIGNAL_ENV, default_rank=0):
         os.kill(os.getpid(), signal.SIGTERM)
