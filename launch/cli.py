@@ -6,8 +6,8 @@ import argparse
 import shlex
 import sys
 
-from launch import backends, recipe, runner, schema
-from launch.errors import RecipeError
+from ltsam_launch import backends, recipe, runner, schema
+from ltsam_launch.errors import RecipeError
 
 EXIT_RECIPE, EXIT_NOT_FOUND = 2, 127
 

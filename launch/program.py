@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from launch import scale
-from launch.recipe import Recipe
+from ltsam_launch import scale
+from ltsam_launch.recipe import Recipe
 
 Style = Literal["python", "torchrun", "deepspeed"]
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.errors import MISSING, RecipeError
 from ltsam_common import yamlio
+from ltsam_launch.errors import MISSING, RecipeError
 
 COMMAND_LINE = "command line"
 # `${NAME}` or `${NAME:-default}`; `$${...}` is an escape that leaves a literal `${...}` (for SLURM scripts)

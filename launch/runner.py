@@ -7,7 +7,7 @@ import signal
 import subprocess
 from types import FrameType
 
-from launch.backends import Plan, environment
+from ltsam_launch.backends import Plan, environment
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from launch.recipe import Recipe
+    from ltsam_launch.recipe import Recipe
 
 KEEP = ("global_batch", "per_gpu_batch")
 LR_SCALES = ("linear", "sqrt", "none")

@@ -8,10 +8,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from launch import backends, scale
-from launch.backends import deepspeed, slurm, torchrun
-from launch.recipe import Recipe
 from ltsam_common.names import sam_method
+from ltsam_launch import backends, scale
+from ltsam_launch.backends import deepspeed, slurm, torchrun
+from ltsam_launch.recipe import Recipe
 
 SCALAR = (str, int, float, bool)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch import backends, recipe, schema
+from ltsam_launch import backends, recipe, schema
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "yaml"

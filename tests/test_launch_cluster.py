@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from launch_helpers import ENV, YAML, planned, srun_line
 
-from launch import backends, cli, recipe, scale
-from launch.errors import RecipeError
+from ltsam_launch import backends, cli, recipe, scale
+from ltsam_launch.errors import RecipeError
 
 SLURM = YAML / "imagenet_lt_r50_ssesam_slurm.yaml"
 TORCHRUN = YAML / "imagenet_lt_r50_ssesam_torchrun.yaml"

@@ -12,8 +12,8 @@ import time
 import pytest
 from launch_helpers import ENV, ROOT, YAML, planned, srun_line
 
-from launch import cli
-from launch.program import to_flags, tool
+from ltsam_launch import cli
+from ltsam_launch.program import to_flags, tool
 
 PY = sys.executable
 RECIPES = sorted(YAML.glob("*.yaml"))
@@ -233,7 +233,7 @@ def test_slurm_script_requeues_at_the_stop_signal(tmp_path):
 
 
 def test_launcher_never_imports_torch():
-    code = ("import sys, launch.cli, launch.schema, launch.runner, launch.backends; "
+    code = ("import sys, ltsam_launch.cli, ltsam_launch.schema, ltsam_launch.runner, ltsam_launch.backends; "
             "assert 'ltsam_common.names' in sys.modules and 'ltsam_common.yamlio' in sys.modules; "
             "assert not any(m in ('torch', 'ltsam') or m.startswith(('torch.', 'ltsam.')) for m in sys.modules), "
             "'imported'")

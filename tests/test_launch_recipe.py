@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from launch_helpers import write
 
-from launch.errors import RecipeError
-from launch.recipe import load
+from ltsam_launch.errors import RecipeError
+from ltsam_launch.recipe import load
 
 
 def test_env_interpolation_with_defaults_types_and_escape(tmp_path):

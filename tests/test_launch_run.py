@@ -14,7 +14,7 @@ import time
 import pytest
 from launch_helpers import ROOT, YAML, write
 
-from launch import cli
+from ltsam_launch import cli
 
 CHILD = """
 import signal, sys, time, pathlib
@@ -57,7 +57,7 @@ launcher:
 
 def launch(path, *overrides) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", str(path), *overrides], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "ltsam_launch.cli", str(path), *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 from launch_helpers import ROOT, YAML, planned, write
 
-from launch.errors import RecipeError
 from ltsam_common.names import SAM_METHODS
+from ltsam_launch.errors import RecipeError
 
 PROGRAM = "program:\n  module: ltsam.train\n  args: {opt: sgd}\n"
 
@@ -130,7 +130,7 @@ def test_slurm_rejects_what_slurm_decides():
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     path = write(tmp_path / "r.yaml", PROGRAM + "launchr: {kind: local}\n")
-    result = subprocess.run([sys.executable, "-m", "launch.cli", str(path), "--dry-run"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "ltsam_launch.cli", str(path), "--dry-run"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"ltsam-launch: {path}:4: launchr = {{'kind': 'local'}}: unknown key; "

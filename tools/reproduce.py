@@ -44,9 +44,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from launch import errors as launch_errors
-from launch import recipe as launch_recipe
 from ltsam_common import yamlio
+from ltsam_launch import errors as launch_errors
+from ltsam_launch import recipe as launch_recipe
 
 RECIPE_KEYS = {"name", "description", "output", "seeds", "baseline", "args", "methods"}
 METHOD_KEYS = {"label", "args"}

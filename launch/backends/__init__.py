@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from launch import scale
-from launch.backends import deepspeed, local, slurm, torchrun
-from launch.program import log_dir
-from launch.recipe import Recipe
+from ltsam_launch import scale
+from ltsam_launch.backends import deepspeed, local, slurm, torchrun
+from ltsam_launch.program import log_dir
+from ltsam_launch.recipe import Recipe
 
 KINDS = {"local": local, "torchrun": torchrun, "deepspeed": deepspeed, "slurm": slurm}
 RECIPE_FILE, COMMAND_FILE = "launch-recipe.yaml", "launch-command.sh"

@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from launch import scale
-from launch.program import log_dir, program_argv, resolved_args, tool
-from launch.recipe import Recipe
+from ltsam_launch import scale
+from ltsam_launch.program import log_dir, program_argv, resolved_args, tool
+from ltsam_launch.recipe import Recipe
 
 SECTION = "launcher.deepspeed"
 CONFIG_FILE = "ds_config.json"

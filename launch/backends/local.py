@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from launch.program import program_argv, resolved_args
-from launch.recipe import Recipe
+from ltsam_launch.program import program_argv, resolved_args
+from ltsam_launch.recipe import Recipe
 
 
 def world_size(recipe: Recipe) -> int:

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.backends import deepspeed, torchrun
-from launch.program import log_dir, program_argv, resolved_args, tool
-from launch.recipe import Recipe
+from ltsam_launch.backends import deepspeed, torchrun
+from ltsam_launch.program import log_dir, program_argv, resolved_args, tool
+from ltsam_launch.recipe import Recipe
 
 SECTION = "launcher.slurm"
 SCRIPT_FILE = "launch-job.sbatch"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from launch.program import program_argv, resolved_args, tool
-from launch.recipe import Recipe
+from ltsam_launch.program import program_argv, resolved_args, tool
+from ltsam_launch.recipe import Recipe
 
 SECTION = "launcher.torchrun"
 # recipe key -> torchrun flag, in the order they are written

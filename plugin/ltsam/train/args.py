@@ -11,10 +11,10 @@ import ast
 from pathlib import Path
 
 import yaml
-from launch.scale import default_lr_scale, scale_lr
 from ltsam_common import yamlio
 from ltsam_common.names import LOSSES, SAM_METHODS
 from ltsam_common.names import SAMPLERS as DATA_SAMPLERS
+from ltsam_launch.scale import default_lr_scale, scale_lr
 
 # what the trainer picks when neither the command line nor the YAML names a value: per data set, so that the
 # default run (embedded digits) is a seconds-long CPU run and CIFAR follows algorithms.md §12
