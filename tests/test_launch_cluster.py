@@ -214,7 +214,7 @@ def test_grad_accumulation_under_deepspeed_is_refused():
 
 def test_trainer_and_launcher_share_the_lr_rule():
     """`ltsam train` without --lr derives it with the launcher's function (timm's rule, accumulation counted)."""
-    from ltsam.train.args import parse_args, resolve_lr
+    from ltsam_common.train_args import parse_args, resolve_lr
 
     args = parse_args(["--dataset", "folder", "--opt", "adamw", "-b", "32", "--grad-accum-steps", "2",
                        "--lr-base", "0.001"])

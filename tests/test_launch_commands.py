@@ -241,7 +241,7 @@ def test_launcher_never_imports_torch():
 
 
 def test_imagenet_focalsam_recipe_has_its_stepped_radius():
-    from ltsam.train.args import parse_args
+    from ltsam_common.train_args import parse_args
 
     argv = planned(YAML / "imagenet_lt_r50_focalsam_torchrun.yaml").commands[0]
     assert argv[:4] == [tool("torchrun"), "--standalone", "--nproc-per-node=2", "-m"]

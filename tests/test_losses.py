@@ -91,7 +91,7 @@ def test_ldam_margin_and_drw():
 @pytest.mark.parametrize("name", LOSSES)
 def test_every_listed_loss_builds_and_is_a_trainer_choice(name):
     """The one list of loss names drives the factory and ``ltsam train --loss``: neither may miss a name."""
-    from ltsam.train.args import build_parser
+    from ltsam_common.train_args import build_parser
 
     loss = create_loss(name, COUNTS)
     assert loss(torch.tensor(LOGITS), torch.tensor(TARGETS)).shape == (3,)

@@ -92,7 +92,7 @@ def test_method_args_merge_and_become_flags():
 @pytest.mark.parametrize("path", sorted((ROOT / "yaml" / "reproduce").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_recipes_give_valid_trainer_commands(path):
     """Every method of every shipped recipe parses as an ``ltsam train`` command (flags, choices, checks)."""
-    from ltsam.train.args import parse_args
+    from ltsam_common.train_args import parse_args
 
     recipe = reproduce.load_recipe(path)
     runs = reproduce.plan(recipe, recipe.seeds[:1], None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ltsam.cli import main as ltsam_cli
 from ltsam.train import main as train_main
+from ltsam_common.cli import main as ltsam_cli
 
 # 203 training images (n_max 60, IF 20) in batches of 32: 6 updates an epoch, seconds per run on CPU
 TINY = ["--n-max", "60", "-b", "32", "--epochs", "2", "--no-progress", "--seed", "3"]

@@ -17,10 +17,10 @@ from test_timm_trainpy import needs_train_py, train_module  # noqa: F401  (fixtu
 
 from ltsam.counts import save_class_counts
 from ltsam.losses import create_loss
-from ltsam.train.args import parse_args
 from ltsam.train.loop import StepContext, train_step
 from ltsam.train.main import build_optimizer
 from ltsam_common.names import SAM_METHODS
+from ltsam_common.train_args import parse_args
 
 SSESAM = ["--opt", "ssesam", "--eta", "20", "--opt-kwargs", "base=momentum", "head_rho=0.05", "tail_rho=0.1"]
 

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ltsam.metrics import LongTailAccuracy
 from ltsam.train import data as train_data
-from ltsam.train.args import parse_args
 from ltsam.train.loop import evaluate
+from ltsam_common.train_args import parse_args
 
 REPORTS = ("train", "test", "test_bn")  # training images; test images; test after BN re-estimation
 LABELS = {"train": "train", "test": "test", "test_bn": "test, BN at w"}

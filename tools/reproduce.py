@@ -100,7 +100,7 @@ class Run:
 def trainer_flags() -> dict[str, tuple | None]:
     """The ``ltsam train`` flag names (dests) and their choices, so a misspelt flag or a loss / sampler name
     the trainer does not know fails before hours of runs."""
-    from ltsam.train.args import build_parser
+    from ltsam_common.train_args import build_parser
 
     return {a.dest: tuple(a.choices) if a.choices else None for a in build_parser()._actions if a.dest != "help"}
 

@@ -621,8 +621,8 @@ def _records_from_args(args: argparse.Namespace) -> tuple[list[Record], int | No
         return records_from_arrays(arrays[images_key], arrays[labels_key]), args.num_classes, None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ltsam.data.shards", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ltsam.data.shards") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     write = sub.add_parser(
         "write", help="write shards from a named LT data set, list file, iNat JSON, image folder or arrays"

@@ -1,4 +1,8 @@
-"""The ``ltsam`` console script: ``ltsam train ...`` (more sub-commands can join ``COMMANDS``)."""
+"""The ``ltsam`` console script: ``ltsam train ...``, ``ltsam shards write|verify|info ...``.
+
+It lives here, not in ``ltsam``, because ``import ltsam`` imports torch and timm (seconds): ``ltsam --help``
+and ``ltsam train --help`` answer without them, and each command imports its module only when it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,23 @@ from collections.abc import Callable
 
 
 def _train(argv: list[str]) -> int:
-    from ltsam.train import main  # imported on use: `ltsam --help` stays fast
+    from ltsam_common.train_args import parse_args
+
+    parse_args(argv)  # torch-free: --help and a mistyped flag answer before torch and timm are imported
+    from ltsam.train import main
 
     return main(argv)
 
 
+def _shards(argv: list[str]) -> int:
+    from ltsam.data.shards import main
+
+    return main(argv, prog="ltsam shards")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a model on a long-tailed data set (ltsam train --help)"),
+    "shards": (_shards, "write, verify or describe webdataset shards of a data set (ltsam shards --help)"),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 from pathlib import Path
 
 import yaml
@@ -28,8 +29,16 @@ DATASET_DEFAULTS: dict[str, dict] = {
     "cifar100-lt": dict(model="resnet32_cifar", epochs=200, batch_size=64, lr=0.1, warmup_epochs=0,
                         train_aug="crop-flip", weight_decay=1e-3),
 }
-FALLBACK_DEFAULTS = dict(model="resnet50", epochs=100, batch_size=128, lr=None, warmup_epochs=5, workers=4,
-                         train_aug="timm", weight_decay=2e-5, img_size=None, in_chans=3)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, as torch's DataLoader counts them for its worker warning)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+FALLBACK_DEFAULTS = dict(model="resnet50", epochs=100, batch_size=128, lr=None, warmup_epochs=5,
+                         workers=min(4, usable_cpus()), train_aug="timm", weight_decay=2e-5, img_size=None,
+                         in_chans=3)
 
 SAMPLERS = ("none", *DATA_SAMPLERS)
 RHO_SCHEDULES = ("none", "step", "multistep", "cosine")  # ltsam.optim.radius.SCHEDULES (no torch here)
@@ -53,8 +62,25 @@ class ParseKwargs(argparse.Action):
         setattr(namespace, self.dest, kw)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default after its help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)" if action.default not in ("", [], {}) else f"{text} (default: none)"
+
+
+PER_DATA_SET = "default: the data set's recipe, see DATASET_DEFAULTS in ltsam_common/train_args.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltsam train", description="Long-tailed training with timm and ltsam.")
+    parser = argparse.ArgumentParser(prog="ltsam train", description="Long-tailed training with timm and ltsam.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("-c", "--config", default="",
+                        help="YAML file of flags (names with - or _), used as defaults: the command line wins; "
+                             "a key that is not a flag is an error")
     group = parser.add_argument_group("Data")
     group.add_argument("--data-dir", default=None, help="data root (default: the data set's own default)")
     group.add_argument("--dataset", default="digits-lt",
@@ -64,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-list", default=None,
                        help="--dataset list: training list file, 'relative/path label' lines (paths relative to "
                             "--data-dir, default this file's folder); it gives the class counts")
-    group.add_argument("--val-list", default=None, help="--dataset list: evaluation list file, same format")
-    group.add_argument("--train-split", default="train")
-    group.add_argument("--val-split", default="test", help="split evaluated each --eval-interval epochs")
+    group.add_argument("--val-list", default=None, help="--dataset list: evaluation list file, same format (default: none)")
+    group.add_argument("--train-split", default="train", help="split trained on (shards: the written split name)")
+    group.add_argument("--val-split", default="test",
+                       help="split evaluated each --eval-interval epochs (shards: the written split name, e.g. "
+                            "validation)")
     group.add_argument("--imb-factor", type=float, default=None,
                        help="max/min class count of the -LT profile (default: the data set's own)")
     group.add_argument("--n-max", type=int, default=None, help="images of the largest class (default: all)")
@@ -75,111 +103,138 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sampler", default="none", choices=SAMPLERS,
                        help=f"none (instance shuffling) or one of {', '.join(DATA_SAMPLERS)} (repeat: repeat-factor)")
     group.add_argument("--train-aug", default=None, choices=("none", "crop", "crop-flip", "timm"),
-                       help="training augmentation: none, pad-and-crop (+ flip, the CIFAR recipe), or timm's")
-    group.add_argument("--workers", "-j", type=int, default=None)
+                       help=f"training augmentation: none, pad-and-crop (+ flip, the CIFAR recipe), or timm's "
+                            f"({PER_DATA_SET})")
+    group.add_argument("--workers", "-j", type=int, default=None,
+                       help=f"data loading processes per rank (default: the data set's recipe, else "
+                            f"{FALLBACK_DEFAULTS['workers']}: 4 at most, and no more than this machine's CPUs)")
 
     group = parser.add_argument_group("Model")
-    group.add_argument("--model", default=None, help="timm model name (default: per data set)")
-    group.add_argument("--pretrained", action="store_true")
-    group.add_argument("--num-classes", type=int, default=None)
-    group.add_argument("--in-chans", type=int, default=None)
-    group.add_argument("--img-size", type=int, default=None)
-    group.add_argument("--mean", type=float, nargs="+", default=None)
-    group.add_argument("--std", type=float, nargs="+", default=None)
-    group.add_argument("--drop", type=float, default=None, help="dropout rate before the classifier")
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
+    group.add_argument("--model", default=None, help=f"timm model name ({PER_DATA_SET})")
+    group.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
+    group.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the data set's)")
+    group.add_argument("--in-chans", type=int, default=None, help=f"image channels ({PER_DATA_SET})")
+    group.add_argument("--img-size", type=int, default=None,
+                       help="input image size (default: the data set's recipe, else the model's)")
+    group.add_argument("--mean", type=float, nargs="+", default=None,
+                       help="normalisation mean per channel (default: the data set's, else the model's)")
+    group.add_argument("--std", type=float, nargs="+", default=None,
+                       help="normalisation std per channel (default: the data set's, else the model's)")
+    group.add_argument("--drop", type=float, default=None,
+                       help="dropout rate before the classifier (default: the model's)")
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+                       help="extra timm create_model options, e.g. drop_path_rate=0.1")
     group.add_argument("-b", "--batch-size", type=int, default=None,
-                       help="per-process batch size (of one micro-batch with --grad-accum-steps)")
+                       help=f"per-process batch size (of one micro-batch with --grad-accum-steps; {PER_DATA_SET})")
     group.add_argument("--grad-accum-steps", type=int, default=1,
                        help="optimizer step every N loader batches: the update of one batch N x --batch-size")
-    group.add_argument("-vb", "--validation-batch-size", type=int, default=None)
+    group.add_argument("-vb", "--validation-batch-size", type=int, default=None,
+                       help="evaluation batch size (default: --batch-size)")
 
     group = parser.add_argument_group("Optimizer")
     group.add_argument("--opt", default="sgd",
                        help=f"timm optimizer name, e.g. sgd, momentum, adamw, or one of {', '.join(SAM_METHODS)}")
-    group.add_argument("--opt-eps", type=float, default=None)
-    group.add_argument("--opt-betas", type=float, nargs="+", default=None)
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--weight-decay", type=float, default=None)
+    group.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon (default: the optimizer's)")
+    group.add_argument("--opt-betas", type=float, nargs="+", default=None,
+                       help="optimizer betas (default: the optimizer's)")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    group.add_argument("--weight-decay", type=float, default=None, help=f"weight decay ({PER_DATA_SET})")
     group.add_argument("--wd-profile", default="timm", choices=WD_PROFILES,
                        help="which parameters --weight-decay decays: timm (not biases, norm weights or the model's "
                             "no_weight_decay() list) or official (every parameter, as the official SSE-SAM, ImbSAM "
                             "and Focal-SAM code: torch SGD on model.parameters())")
     group.add_argument("--clip-grad", type=float, default=None,
-                       help="clip the gradient the optimizer applies (SAM family: the final update direction G)")
+                       help="clip the gradient the optimizer applies (SAM family: the final update direction G; "
+                            "default: no clipping)")
     group.add_argument("--clip-mode", default="norm", help="norm, value or agc (timm's dispatch_clip_grad)")
     group.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs,
                        help="extra optimizer options, e.g. rho=0.05 base=momentum (class_counts and epochs are "
                             "filled in for the SAM family)")
-    group.add_argument("--eta", type=float, default=None, help="tail threshold n_c < eta of imbsam / ssesam")
+    group.add_argument("--eta", type=float, default=None,
+                       help="tail threshold n_c < eta of imbsam / ssesam (default: the method's)")
 
     group = parser.add_argument_group("Loss")
-    group.add_argument("--loss", default="ce", choices=LOSSES)
-    group.add_argument("--loss-kwargs", nargs="*", default={}, action=ParseKwargs)
+    group.add_argument("--loss", default="ce", choices=LOSSES,
+                       help="ce, or a long-tail loss: ldam, la (logit adjustment), vs, bsce (balanced softmax)")
+    group.add_argument("--loss-kwargs", nargs="*", default={}, action=ParseKwargs,
+                       help="extra loss options, e.g. tau=1.0")
 
     group = parser.add_argument_group("Schedule")
-    group.add_argument("--sched", default="cosine")
-    group.add_argument("--sched-on-updates", action="store_true")
-    group.add_argument("--lr", type=float, default=None)
-    group.add_argument("--lr-base", type=float, default=0.1)
-    group.add_argument("--lr-base-size", type=int, default=256)
-    group.add_argument("--lr-base-scale", default="", help="linear or sqrt (default: sqrt for ada/lamb optimizers)")
-    group.add_argument("--warmup-lr", type=float, default=1e-5)
-    group.add_argument("--min-lr", type=float, default=0.0)
-    group.add_argument("--epochs", type=int, default=None)
+    group.add_argument("--sched", default="cosine", help="timm lr schedule: cosine, step, multistep, plateau, ...")
+    group.add_argument("--sched-on-updates", action="store_true",
+                       help="step the lr schedule every update instead of every epoch")
+    group.add_argument("--lr", type=float, default=None,
+                       help="learning rate (default: the data set's recipe; data sets without one take --lr-base "
+                            "x global batch / --lr-base-size)")
+    group.add_argument("--lr-base", type=float, default=0.1,
+                       help="lr at --lr-base-size, used only when neither --lr nor the data set's recipe sets the lr")
+    group.add_argument("--lr-base-size", type=int, default=256, help="global batch size of --lr-base")
+    group.add_argument("--lr-base-scale", default="",
+                       help="linear or sqrt (default: sqrt for ada/lamb optimizers, else linear)")
+    group.add_argument("--warmup-lr", type=float, default=1e-5, help="lr at the start of warmup")
+    group.add_argument("--min-lr", type=float, default=0.0, help="lower lr bound of the schedule")
+    group.add_argument("--epochs", type=int, default=None, help=f"epochs of the schedule ({PER_DATA_SET})")
     group.add_argument("--stop-epoch", type=int, default=None,
-                       help="stop after this many epochs without changing the schedule (resume to continue)")
-    group.add_argument("--warmup-epochs", type=int, default=None)
-    group.add_argument("--cooldown-epochs", type=int, default=0)
-    group.add_argument("--decay-epochs", type=float, default=None)
-    group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
-    group.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+                       help="stop after this many epochs without changing the schedule (resume to continue; "
+                            "default: --epochs)")
+    group.add_argument("--warmup-epochs", type=int, default=None, help=f"linear lr warmup epochs ({PER_DATA_SET})")
+    group.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at --min-lr after the schedule")
+    group.add_argument("--decay-epochs", type=float, default=None,
+                       help="step schedule: decay every N epochs (default: timm's)")
+    group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270],
+                       help="multistep schedule: epochs at which the lr decays")
+    group.add_argument("--decay-rate", "--dr", type=float, default=0.1, help="step / multistep lr decay factor")
 
     group = parser.add_argument_group("Radius schedule (SAM family; timm's schedulers on the radii in param_groups)")
     group.add_argument("--rho-sched", default="none", choices=RHO_SCHEDULES,
                        help="schedule every radius (rho; SSE-SAM head_rho and tail_rho) from its --opt-kwargs value, "
                             "set at the start of each epoch: step, multistep or cosine, as timm's lr schedules")
-    group.add_argument("--rho-decay-epochs", type=float, default=None, help="step: multiply every N epochs")
+    group.add_argument("--rho-decay-epochs", type=float, default=None,
+                       help="step: multiply every N epochs (required with --rho-sched step)")
     group.add_argument("--rho-decay-milestones", type=int, nargs="+", default=None,
-                       help="multistep: epochs at which to multiply (timm: milestone m from the 0-based epoch m-1)")
+                       help="multistep: epochs at which to multiply (timm: milestone m from the 0-based epoch m-1; "
+                            "required with --rho-sched multistep)")
     group.add_argument("--rho-decay-rate", type=float, default=0.1,
                        help="step / multistep factor (2 doubles the radius, as Focal-SAM's ImageNet-LT recipe)")
     group.add_argument("--rho-min", type=float, default=0.0, help="cosine: the radius of the last epoch")
 
     group = parser.add_argument_group("Precision, EMA, distribution")
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
-    group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
-    group.add_argument("--model-ema", action="store_true")
-    group.add_argument("--model-ema-decay", type=float, default=0.9998)
-    group.add_argument("--model-ema-warmup", action="store_true")
+    group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"), help="autocast dtype")
+    group.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights")
+    group.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per update")
+    group.add_argument("--model-ema-warmup", action="store_true", help="EMA decay warmup (timm's ModelEmaV3)")
     group.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     group.add_argument("--sync-bn", action="store_true",
                        help="BatchNorm over the global batch (SyncBatchNorm; GPUs only) instead of each process's")
     group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
                        help="how BatchNorm buffers are made equal across ranks at the end of each epoch")
     group.add_argument("--deepspeed-config", default=None,
-                       help="train through DeepSpeed with this ds_config JSON (ZeRO 0, 1 or 2; bf16 or fp32)")
+                       help="train through DeepSpeed with this ds_config JSON (ZeRO 0, 1 or 2; bf16 or fp32; "
+                            "default: no DeepSpeed)")
     group.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
-                       help="override the ds_config's zero_optimization.stage")
+                       help="override the ds_config's zero_optimization.stage (default: the ds_config's)")
 
     group = parser.add_argument_group("Evaluation and output")
     group.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and at the end)")
     group.add_argument("--tta", action="store_true", help="average logits over the image and its mirror image")
     group.add_argument("--many-shot", type=int, default=100, help="Many: train count above this")
     group.add_argument("--few-shot", type=int, default=20, help="Few: train count below this")
-    group.add_argument("--output", default="./output/train")
+    group.add_argument("--output", default="./output/train", help="parent folder of the run folder")
     group.add_argument("--experiment", default=None,
                        help="folder under --output (default: <dataset>-<model>-<opt>-seed<seed>)")
     group.add_argument("--resume", default=None,
-                       help="checkpoint to resume, or 'auto' for the output folder's newest complete one")
+                       help="checkpoint to resume, or 'auto' for the output folder's newest complete one "
+                            "(default: start afresh)")
     group.add_argument("--resume-override", nargs="+", default=[], metavar="KEY",
                        help="training settings that may differ from the resumed checkpoint's (e.g. epochs: the "
                             "schedule is rebuilt for the new total); any other difference is refused")
     group.add_argument("--overwrite", action="store_true", help="start afresh in a folder holding a checkpoint")
-    group.add_argument("--checkpoint-hist", type=int, default=3)
-    group.add_argument("--seed", type=int, default=42)
-    group.add_argument("--log-interval", type=int, default=20)
-    group.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    group.add_argument("--checkpoint-hist", type=int, default=3, help="best checkpoints kept")
+    group.add_argument("--seed", type=int, default=42, help="random seed (model init, sampling, augmentation)")
+    group.add_argument("--log-interval", type=int, default=20, help="updates between plain log lines")
+    group.add_argument("--no-progress", action="store_true",
+                       help="plain log lines instead of a progress bar (always so when stderr is not a terminal)")
     return parser
 
 
@@ -200,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     """YAML keys must be flags (dashes or underscores): a typo would otherwise be ignored silently."""
-    known = {a.dest for a in parser._actions if a.dest != "help"}
+    known = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
     try:
         doc = yamlio.load(path, "config file")
         return doc.check_keys("", known, what="flag", normalize=lambda key: key.replace("-", "_"))
