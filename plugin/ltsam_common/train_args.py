@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-list", default=None,
                        help="--dataset list: training list file, 'relative/path label' lines (paths relative to "
                             "--data-dir, default this file's folder); it gives the class counts")
-    group.add_argument("--val-list", default=None, help="--dataset list: evaluation list file, same format (default: none)")
+    group.add_argument("--val-list", default=None,
+                       help="--dataset list: evaluation list file, same format (default: none)")
     group.add_argument("--train-split", default="train", help="split trained on (shards: the written split name)")
     group.add_argument("--val-split", default="test",
                        help="split evaluated each --eval-interval epochs (shards: the written split name, e.g. "
