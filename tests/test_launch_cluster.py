@@ -4,7 +4,10 @@ recipe values stay one argument each, `launcher.env` names, and the batch / lr s
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -229,3 +232,69 @@ def test_trainer_and_launcher_share_the_lr_rule():
 def test_launcher_env_reaches_the_local_child():
     plan = planned(YAML / "quickstart.yaml", 'launcher.env={NCCL_DEBUG: WARN, OMP_NUM_THREADS: 2}')
     assert backends.environment(plan)["NCCL_DEBUG"] == "WARN" and plan.env["OMP_NUM_THREADS"] == "2"
+
+
+CHILD_STOPPED_FOR_REQUEUE = """import sys
+from ltsam_common.requeue import REQUEUE_EXIT, mark_requeue
+mark_requeue()  # what ltsam.train does when it stopped at a signal and wrote its checkpoint
+sys.exit(REQUEUE_EXIT)
+"""
+# a runner that, like torchrun, reports a failed child as exit status 1
+FAKE_RUNNER = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+"$PYTHON" "$@"
+echo "runner: child exited $?" >&2
+exit 1
+"""
+
+
+@pytest.mark.parametrize("runner", ["torchrun", "deepspeed"])
+def test_requeue_when_the_runner_hides_exit_75(tmp_path, runner):
+    """The trainer exits 75 under torchrun (the real one) or a deepspeed runner; the runner exits 1; the batch
+    script still requeues, from the marker file the trainer created. Without a stop, no requeue."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name, text in (("srun", '#!/bin/bash\nwhile [[ "$1" == -* ]]; do shift; done\nexec "$@"\n'),
+                       ("scontrol", '#!/bin/bash\ncase "$1" in show) echo 127.0.0.1 ;; *) echo "scontrol $*" >> "$LOG"'
+                                    ' ;; esac\n'), ("deepspeed runner", FAKE_RUNNER)):
+        (tools / name).write_text(text)
+        (tools / name).chmod(0o755)
+    child = tmp_path / "child.py"
+    with socket.socket() as probe:  # a free port for torchrun's rendezvous on this host
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    common = ["~launcher.slurm.setup", "~program.module", f"program.script={json.dumps(str(child))}",
+              f"launcher.slurm.port={port}",
+              f"launcher.log_dir={json.dumps(str(tmp_path / 'logs'))}"]
+    if runner == "torchrun":
+        plan = planned(SLURM, *common, "launcher.slurm.gpus_per_node=1", "launcher.slurm.nodes=1")
+    else:
+        plan = planned(YAML / "inat2018_r50_focalsam_deepspeed.yaml", *common, "launcher.kind=slurm",
+                       "launcher.slurm.runner=deepspeed", "~launcher.deepspeed.num_gpus",
+                       f"launcher.deepspeed.executable={json.dumps(str(tools / 'deepspeed runner'))}")
+    (tmp_path / "logs").mkdir()
+    script = tmp_path / "job.sbatch"
+    script.write_text(plan.files["launch-job.sbatch"])
+    log = tmp_path / "log"
+    env = {"PATH": f"{tools}:{Path(sys.executable).parent}:/usr/bin:/bin", "LOG": str(log), "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "PYTHON": sys.executable,
+           "HOME": str(tmp_path)}
+    for body, requeued in ((CHILD_STOPPED_FOR_REQUEUE, True), ("import sys\nsys.exit(3)\n", False)):
+        child.write_text(body)
+        log.unlink(missing_ok=True)  # the marker of the first run stays: the script must clear it itself
+        job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        try:
+            stderr = job.communicate(timeout=240)[1]
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)  # the whole job: shell, runner and child
+        assert job.returncode == 1, stderr[-3000:]  # the runner's status, not the child's
+        assert ("scontrol requeue 42" in (log.read_text() if log.exists() else "")) == requeued, stderr[-3000:]
+        assert ("requeueing job 42" in stderr) == requeued
+
+
+@pytest.mark.parametrize("value", ["USR1@60", "B:USR1@60"])
+def test_signal_goes_to_the_batch_shell_once(value):
+    script = planned(SLURM, f"launcher.slurm.signal={value}").files["launch-job.sbatch"]
+    assert "#SBATCH --signal=B:USR1@60" in script.splitlines()

@@ -5,9 +5,12 @@ expanded by the shell on each node; so is any `${NAME}` a recipe wrote as `$${NA
 
 Preemption (`requeue: true`, the default): `#SBATCH --requeue` and `--signal=B:USR1@120` (`signal:`). The
 batch shell traps the signal and sends SIGTERM to the job step; `ltsam.train` then checkpoints at the next
-update and exits with REQUEUE_EXIT (ltsam.train.preempt), and the script requeues the job, which runs again
-with `--resume auto` (added for `ltsam.train`; a fresh folder just starts). torchrun forwards SIGTERM to its
-workers and waits 30 s before SIGKILL, so an update plus a checkpoint must fit in that time.
+update and exits with REQUEUE_EXIT (ltsam.train.preempt); torchrun reports any failed child as its own exit
+status 1, so the trainer also creates the marker file the script names in LTSAM_REQUEUE_MARKER
+(ltsam_common.requeue). The script requeues the job when the step exits 75, the marker exists or the trap
+fired; the job runs again with `--resume auto` (added for `ltsam.train`; a fresh folder just starts). torchrun
+forwards SIGTERM to its workers and waits 30 s before SIGKILL, so an update plus a checkpoint must fit in that
+time.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ltsam_common.requeue import MARKER_ENV, REQUEUE_EXIT
 from ltsam_launch.backends import deepspeed, torchrun
 from ltsam_launch.program import log_dir, program_argv, resolved_args, tool
 from ltsam_launch.recipe import Recipe
@@ -25,10 +29,10 @@ from ltsam_launch.recipe import Recipe
 SECTION = "launcher.slurm"
 SCRIPT_FILE = "launch-job.sbatch"
 HOSTFILE = "hostfile"
+MARKER_FILE = "requeue"  # + .JOB_ID: created by a trainer that stopped for a requeue
 SBATCH_OPTIONS = ("partition", "account", "qos", "time", "mem", "constraint", "cpus_per_task")
 _SHELL_VAR = re.compile(r"(\$\{[A-Za-z_][A-Za-z0-9_]*\})")
 _PLAIN = re.compile(r"[\w@%+=:,./-]+")
-REQUEUE_EXIT = 75  # ltsam.train.preempt.REQUEUE_EXIT (the launcher imports no torch, so not from there)
 DEFAULT_SIGNAL = "USR1@120"
 
 
@@ -96,8 +100,14 @@ def header(recipe: Recipe) -> list[tuple[str, str]]:
     options += [(f"{SECTION}.sbatch_args", str(a)) for a in cfg.get("sbatch_args") or []]
     if cfg.get("requeue", True):  # requeue on preemption or node failure; the signal goes to the batch shell
         options += [(f"{SECTION}.requeue", "--requeue"),
-                    (f"{SECTION}.signal", f"--signal=B:{cfg.get('signal') or DEFAULT_SIGNAL}")]
+                    (f"{SECTION}.signal", f"--signal={batch_signal(cfg.get('signal'))}")]
     return options
+
+
+def batch_signal(signal: str | None) -> str:
+    """sbatch's `--signal` value, sent to the batch shell (`B:`), whose trap passes it on: `USR1@60` and
+    `B:USR1@60` both mean that."""
+    return "B:" + (signal or DEFAULT_SIGNAL).removeprefix("B:")
 
 
 def script(recipe: Recipe) -> tuple[str, dict[str, str]]:
@@ -115,13 +125,17 @@ def script(recipe: Recipe) -> tuple[str, dict[str, str]]:
              "set -euo pipefail", *(cfg.get("setup") or []), *env,
              'export HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"', *prelude]
     step = f"{' '.join(srun)} bash -c {shlex.quote(inner)}"
-    return "\n".join(lines + (requeue_lines(step) if requeue else [step])) + "\n", files
+    marker = shell_quote(str(Path.cwd() / log_dir(recipe) / f"{MARKER_FILE}.${{SLURM_JOB_ID}}"))  # cwd: --chdir
+    return "\n".join(lines + (requeue_lines(step, marker) if requeue else [step])) + "\n", files
 
 
-def requeue_lines(step: str) -> list[str]:
+def requeue_lines(step: str, marker: str) -> list[str]:
     """The job step in the background (a trap runs only while the shell waits), the trap that passes the
-    signal on as SIGTERM, and `scontrol requeue` when the run stopped at it (REQUEUE_EXIT or the trap fired)."""
+    signal on as SIGTERM, and `scontrol requeue` when the run stopped at it: REQUEUE_EXIT, the trainer's
+    marker file (what survives torchrun's exit status 1) or the trap fired."""
     return [
+        f"export {MARKER_ENV}={marker}",
+        f'rm -f "${MARKER_ENV}"  # a requeued job keeps its id: only a stop of this run counts',
         'stopping=0 step=""',
         "trap 'stopping=1; echo \"ltsam-launch: stop signal: asking the trainer to checkpoint\" >&2; "
         "kill -TERM \"$step\" 2>/dev/null || true' USR1 USR2 TERM",
@@ -131,7 +145,7 @@ def requeue_lines(step: str) -> list[str]:
         '  status=0; wait "$step" || status=$?',
         '  kill -0 "$step" 2>/dev/null || break',
         "done",
-        f'if [ "$stopping" = 1 ] || [ "$status" = {REQUEUE_EXIT} ]; then',
+        f'if [ "$stopping" = 1 ] || [ "$status" = {REQUEUE_EXIT} ] || [ -e "${MARKER_ENV}" ]; then',
         '  echo "ltsam-launch: requeueing job $SLURM_JOB_ID; it resumes from its last checkpoint" >&2',
         '  scontrol requeue "$SLURM_JOB_ID"',
         "fi",

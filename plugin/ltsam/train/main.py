@@ -34,6 +34,7 @@ from ltsam.train import preempt
 from ltsam.train import resume as resume_point
 from ltsam.train.checkpoint import LAST, Saver, TrainState, existing_checkpoints, load_training_state, write_checkpoint
 from ltsam.train.loop import NonFiniteLoss, StepContext, evaluate, progress_bar, train_one_epoch, updates_per_epoch
+from ltsam_common import requeue
 from ltsam_common import train_args as cli_args
 
 SUMMARY, RESULTS, PLOT, ARGS = "summary.csv", "results.json", "per_class.png", "args.yaml"
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except preempt.Preempted as err:
         print(f"ltsam train (rank {args.rank}): {err}", file=sys.stderr)
+        requeue.mark_requeue()  # torchrun exits 1 for our 75: the SLURM script also looks for this file
         return preempt.REQUEUE_EXIT
     finally:
         dist_utils.shutdown()
