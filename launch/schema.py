@@ -8,13 +8,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ltsam_common import train_args
 from ltsam_common.names import sam_method
-from ltsam_launch import backends, scale
+from ltsam_launch import backends, program, scale
 from ltsam_launch.backends import deepspeed, slurm, torchrun
+from ltsam_launch.errors import RecipeError
 from ltsam_launch.recipe import Recipe
 
 SCALAR = (str, int, float, bool)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+TRAINER = "ltsam.train"  # the program whose args the launcher checks against its parser
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ def validate(recipe: Recipe) -> None:
     _check_env(recipe)
     world = backends.world_size(recipe)
     _check_batch(recipe, world)
+    _check_trainer_args(recipe, world)
     if kind == "deepspeed" or (kind == "slurm" and recipe.get("launcher.slurm.runner") == "deepspeed"):
         _check_ds_config(recipe, world)
 
@@ -148,6 +152,24 @@ def _check_program(recipe: Recipe) -> None:
         nested = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         if any(isinstance(v, dict) or (isinstance(v, list) and isinstance(value, list)) for v in nested):
             raise recipe.error(f"program.args.{key}", "only scalars, lists and flat mappings become flags")
+
+
+def _check_trainer_args(recipe: Recipe, world: int | None) -> None:
+    """`ltsam.train`'s args against its own parser (torch-free): a typo stops the dry run, not the job."""
+    if recipe.get("program.module") != TRAINER:
+        return
+    flags = {option for action in train_args.build_parser()._actions for option in action.option_strings}
+    for key in recipe.get("program.args") or {}:
+        if "--" + str(key).replace("_", "-") not in flags:
+            names = sorted(flag[2:].replace("-", "_") for flag in flags if flag.startswith("--"))
+            near = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else "see `ltsam train --help`"
+            raise recipe.error(f"program.args.{key}", f"not a flag of ltsam train; {hint}")
+    extra = [str(a) for a in recipe.get("program.extra_args") or []]
+    problem = train_args.argv_problem(program.to_flags(program.resolved_args(recipe, world)) + extra)
+    if problem:
+        where = "program.extra_args" if extra and any(a in problem for a in extra) else "program.args"
+        raise RecipeError(recipe.source(where), where, f"ltsam train refuses it: {problem}")
 
 
 def _check_torchrun(recipe: Recipe) -> None:

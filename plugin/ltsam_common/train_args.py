@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import os
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import yaml
@@ -252,6 +254,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fill_defaults(args)
     check_args(parser, args)
     return args
+
+
+def argv_problem(argv: list[str]) -> str | None:
+    """What ``ltsam train`` would refuse in ``argv``, in its own words, or None; prints nothing. The launcher
+    checks a recipe's program args with it before a job starts (no torch is imported here)."""
+    said = io.StringIO()
+    try:
+        with redirect_stderr(said), redirect_stdout(io.StringIO()):
+            parse_args(argv)
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            return None
+        lines = said.getvalue().strip().splitlines()
+        return lines[-1].removeprefix(f"{build_parser().prog}: error: ") if lines else str(stop.code)
+    return None
 
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
