@@ -100,10 +100,20 @@ def test_nan_loss_stops_naming_step_batch_and_value_and_keeps_last_checkpoint(tm
     assert load(tmp_path)["epoch"] == 0
 
 
-def test_folder_with_another_runs_checkpoint_is_refused_unless_resumed_or_overwritten(tmp_path):
+def test_folder_with_another_runs_checkpoint_is_refused_unless_resumed_or_overwritten(tmp_path, monkeypatch):
     assert run(tmp_path, "--epochs", "1") == 0
-    with pytest.raises(SystemExit, match="holds another run's checkpoint.*--resume auto.*--overwrite"):
+    with pytest.raises(SystemExit, match=r"holds a checkpoint of this run \(\S+\.pth\.tar, same configuration\); "
+                                         "continue it with `--resume auto` or start afresh with `--overwrite`$"):
         run(tmp_path, "--epochs", "1")
+    with pytest.raises(SystemExit, match=r"holds another run's checkpoint \(\S+\.pth\.tar; its args.yaml differs in "
+                                         r"lr, seed\); continue it with `--resume auto` .* `--experiment NAME`$"):
+        run(tmp_path, "--epochs", "1", "--lr", "0.02", "--seed", "4")
+    monkeypatch.setenv("LTSAM_LAUNCH_RECIPE", "yaml/quickstart.yaml")  # what ltsam-launch sets for its program
+    with pytest.raises(SystemExit, match="continue it with `ltsam-launch yaml/quickstart.yaml "
+                                         "program.args.resume=auto` or start afresh with `ltsam-launch "
+                                         "yaml/quickstart.yaml program.args.overwrite=true`$"):
+        run(tmp_path, "--epochs", "1")
+    monkeypatch.delenv("LTSAM_LAUNCH_RECIPE")
     assert run(tmp_path, "--epochs", "1", "--overwrite") == 0
     assert len((tmp_path / "run" / "summary.csv").read_text().splitlines()) == 2
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from ltsam_common.train_args import LAUNCH_RECIPE_ENV
 from ltsam_launch import scale
 from ltsam_launch.backends import deepspeed, local, slurm, torchrun
 from ltsam_launch.program import log_dir
@@ -43,7 +44,8 @@ def plan(recipe: Recipe) -> Plan:
     commands, files, execute = KINDS[kind(recipe)].plan(recipe)
     files = {RECIPE_FILE: yaml.safe_dump(recipe.data, sort_keys=False), **files,
              COMMAND_FILE: "".join(shlex.join(argv) + "\n" for argv in commands)}
-    env = {str(k): str(v) for k, v in (recipe.get("launcher.env") or {}).items()}
+    env = {LAUNCH_RECIPE_ENV: str(recipe.path),  # so the trainer's messages name overrides of this recipe
+           **{str(k): str(v) for k, v in (recipe.get("launcher.env") or {}).items()}}
     notes = [scale.resolve(recipe, world_size(recipe)).note]
     return Plan(commands, files, execute, log_dir(recipe), env, notes)
 

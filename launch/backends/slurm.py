@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ltsam_common.requeue import MARKER_ENV, REQUEUE_EXIT
+from ltsam_common.train_args import LAUNCH_RECIPE_ENV
 from ltsam_launch.backends import deepspeed, torchrun
 from ltsam_launch.program import log_dir, program_argv, resolved_args, tool
 from ltsam_launch.recipe import Recipe
@@ -115,7 +116,8 @@ def script(recipe: Recipe) -> tuple[str, dict[str, str]]:
     `setup` lines are shell, as written."""
     cfg: dict[str, Any] = recipe.get(SECTION) or {}
     command, prelude, files = node_command(recipe)
-    env = [f"export {k}={shell_quote(str(v))}" for k, v in (recipe.get("launcher.env") or {}).items()]
+    env = [f"export {k}={shell_quote(str(v))}" for k, v in
+           {LAUNCH_RECIPE_ENV: str(recipe.path), **(recipe.get("launcher.env") or {})}.items()]
     cpus = [f"--cpus-per-task={cfg['cpus_per_task']}"] if cfg.get("cpus_per_task") else []  # srun does not inherit it
     srun = ["srun", '--nodes="$SLURM_NNODES"', "--ntasks-per-node=1", *cpus, "--kill-on-bad-exit=1",
             *map(shlex.quote, cfg.get("srun_args") or [])]

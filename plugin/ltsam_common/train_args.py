@@ -42,6 +42,7 @@ FALLBACK_DEFAULTS = dict(model="resnet50", epochs=100, batch_size=128, lr=None, 
                          workers=min(4, usable_cpus()), train_aug="timm", weight_decay=2e-5, img_size=None,
                          in_chans=3)
 
+LAUNCH_RECIPE_ENV = "LTSAM_LAUNCH_RECIPE"  # set by ltsam-launch for its program: the recipe it ran
 SAMPLERS = ("none", *DATA_SAMPLERS)
 RHO_SCHEDULES = ("none", "step", "multistep", "cosine")  # ltsam.optim.radius.SCHEDULES (no torch here)
 # which parameters --weight-decay decays: timm's grouping, or every parameter as the official SAM-family code
@@ -75,6 +76,16 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 PER_DATA_SET = "default: the data set's recipe, see DATASET_DEFAULTS in ltsam_common/train_args.py"
+
+
+def option(name: str, value: object = True) -> str:
+    """A flag as the user gives it, for messages: `--name value` to ``ltsam train``, or the override
+    `program.args.name=value` of the recipe when ``ltsam-launch`` started this trainer (``LAUNCH_RECIPE_ENV``)."""
+    recipe = os.environ.get(LAUNCH_RECIPE_ENV)
+    if recipe:
+        shown = str(value).lower() if isinstance(value, bool) else value
+        return f"`ltsam-launch {recipe} program.args.{name.replace('-', '_')}={shown}`"
+    return f"`--{name}`" if value is True else f"`--{name} {value}`"
 
 
 def build_parser() -> argparse.ArgumentParser:

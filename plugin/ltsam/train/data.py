@@ -11,6 +11,7 @@ through ``wids``, so every map-style sampler applies exactly. Evaluation reads b
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from torchvision import transforms as T
 from ltsam.counts import load_class_counts, save_class_counts
 from ltsam.data.factory import create_lt_dataset
 from ltsam.data.samplers import create_sampler
+from ltsam.data.shards import INFO_NAME
 from ltsam.data.stream import StreamingDataset
 from ltsam.data.wids_access import ShardIndexDataset
+from ltsam_common.train_args import option
 
 COUNTS_FILE = "class_counts.json"
 SHARD_DATASETS = ("shards", "shards-wids")
@@ -71,6 +74,7 @@ def shard_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
     if args.dataset == "shards" and args.sampler == "repeat":
         raise SystemExit(f"{where}: the stream re-balances with --sampler sqrt, balanced or progressive; "
                          "repeat-factor sampling needs random access: use --dataset shards-wids")
+    check_shard_splits(args, where)
     try:
         val = ShardIndexDataset(args.data_dir, args.val_split)
         if args.dataset == "shards-wids":
@@ -82,6 +86,21 @@ def shard_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise SystemExit(f"{where} in '{args.data_dir}': {err}") from err
     return train, val
+
+
+def check_shard_splits(args: argparse.Namespace, where: str) -> None:
+    """Both splits were written: a missing one is named with the flag that picks it and the splits there are."""
+    info = Path(args.data_dir) / INFO_NAME
+    if not info.is_file():
+        raise SystemExit(f"{where}: '{info}' not found; write shards there with `ltsam shards write --out "
+                         f"{args.data_dir} ...`")
+    written = sorted(json.loads(info.read_text()).get("splits", {}))
+    for name, split in (("train-split", args.train_split), ("val-split", args.val_split)):
+        if split not in written:
+            choices = f"one of {', '.join(written)}" if written else "a split written there"
+            raise SystemExit(f"{where} in '{args.data_dir}' has no split '{split}' (written: "
+                             f"{', '.join(written) or 'none'}); pick {choices} with {option(name, 'NAME')}, or "
+                             f"write it with `ltsam shards write --split {split} --out {args.data_dir} ...`")
 
 
 def class_counts_for(args: argparse.Namespace, train: Dataset, output_dir: Path,

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from rich import get_console
 from rich.console import Console
 from timm.models import create_model
 from timm.optim import create_optimizer_v2, get_optimizer_class, optimizer_kwargs
@@ -25,6 +26,7 @@ from timm.utils import ModelEmaV3, distribute_bn, random_seed, update_summary
 from timm.utils.summary import trim_summary
 from torch.nn.parallel import DistributedDataParallel
 
+import yaml
 from ltsam.losses import create_loss
 from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report
 from ltsam.optim import SAMFamily
@@ -36,6 +38,7 @@ from ltsam.train.checkpoint import LAST, Saver, TrainState, existing_checkpoints
 from ltsam.train.loop import NonFiniteLoss, StepContext, evaluate, progress_bar, train_one_epoch, updates_per_epoch
 from ltsam_common import requeue
 from ltsam_common import train_args as cli_args
+from ltsam_common.train_args import option
 
 SUMMARY, RESULTS, PLOT, ARGS = "summary.csv", "results.json", "per_class.png", "args.yaml"
 
@@ -68,24 +71,45 @@ def prepare_output(args: argparse.Namespace, primary: bool) -> tuple[Path, resum
     resume, passed_over = resume_point.resolve_resume(args.resume, out)
     if passed_over and resume is None:
         raise SystemExit(f"ltsam train: --resume auto found no complete checkpoint in '{out}': "
-                         f"{'; '.join(passed_over)}; pass --resume with a good file, or --overwrite to start afresh")
+                         f"{'; '.join(passed_over)}; pass {option('resume', 'FILE')} with a good file, or "
+                         f"{option('overwrite')} to start afresh")
     if primary and passed_over:
         print(f"ltsam train: --resume auto passed over {'; '.join(passed_over)}", file=sys.stderr)
     found = existing_checkpoints(out) if out.is_dir() else []
     if found and not args.resume and not args.overwrite:
-        raise SystemExit(f"ltsam train: output folder '{out}' holds another run's checkpoint ({found[0].name}); "
-                         "pass --resume auto to continue it, --overwrite to start afresh, or another --experiment")
+        differ = differing_settings(args, out / ARGS)
+        if differ == []:
+            whose, other = f"a checkpoint of this run ({found[0].name}, same configuration)", ""
+        else:
+            listed = f"; its {ARGS} differs in {', '.join(differ)}" if differ else ""
+            whose = f"another run's checkpoint ({found[0].name}{listed})"
+            other = f", or name another folder with {option('experiment', 'NAME')}"
+        raise SystemExit(f"ltsam train: output folder '{out}' holds {whose}; continue it with "
+                         f"{option('resume', 'auto')} or start afresh with {option('overwrite')}{other}")
     dist_utils.barrier()  # every rank has looked before rank 0 clears anything
     unwritable = resume_point.unwritable(out) if primary else None
     if dist_utils.all_reduce_sum(torch.tensor([float(unwritable is not None)], device=args.device)).item():
         raise SystemExit(f"ltsam train: cannot write the output folder '{out}' ({unwritable or 'see rank 0'}); "
-                         "choose a writable --output")
+                         f"choose a writable {option('output', 'DIR')}")
     if primary:
         if args.overwrite:
             for path in found + [out / SUMMARY, out / RESULTS]:
                 path.unlink(missing_ok=True)
     dist_utils.barrier()
     return out, resume
+
+
+def differing_settings(args: argparse.Namespace, saved_args: Path) -> list[str] | None:
+    """The training settings in which the folder's saved configuration differs from this run's (unset values
+    of this run, derived later, compare equal), or None when the folder has no readable one."""
+    try:
+        saved = yaml.safe_load(saved_args.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    before, now = resume_point.training_config(saved), resume_point.training_config(vars(args))
+    return sorted(k for k, v in now.items() if v is not None and k in before and before[k] != v)
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, counts_file: Path) -> torch.optim.Optimizer:
@@ -269,7 +293,9 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     stop = min(args.stop_epoch or num_epochs, num_epochs)
     earlier_s = state.wall_s  # what earlier attempts trained, as far as their checkpoints carry it
     report = None
-    with progress_bar(primary and not args.no_progress) as progress, preempt.StopRequest() as stop_request:
+    # the bar only on a terminal: in a log file rich would print every epoch's bar at exit, after all tables
+    show_bar = primary and not args.no_progress and get_console().is_terminal
+    with progress_bar(show_bar) as progress, preempt.StopRequest() as stop_request:
         for epoch in range(state.epoch, stop):
             train_data.set_epoch(train_loader, epoch)
             criterion.set_epoch(epoch)
@@ -310,7 +336,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
             if primary:
                 update_summary(epoch, train_metrics, eval_metrics, str(out / SUMMARY),
                                lr=optimizer.param_groups[0]["lr"])
-                if args.no_progress:
+                if not show_bar:
                     stage = f", stage {optimizer.stage}" if hasattr(optimizer, "stage") else ""
                     console.print(f"epoch {epoch}: loss {train_metrics['loss']:.4f}, "
                                   f"lr {optimizer.param_groups[0]['lr']:.3g}{stage}")
@@ -331,7 +357,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
 
 def stopped_message(stop_request: preempt.StopRequest, out: Path, at: str, state: TrainState) -> str:
     return (f"stopped by {stop_request.name} at {at} (update {state.num_updates}); checkpoint '{out / LAST}' "
-            f"written. Exit code {preempt.REQUEUE_EXIT} means 'requeue': rerun with --resume auto to continue")
+            f"written. Exit code {preempt.REQUEUE_EXIT} means 'requeue': rerun with {option('resume', 'auto')} to "
+            "continue")
 
 
 def finish(args: argparse.Namespace, out: Path, report: dict, state: TrainState, stop: int, num_epochs: int,
