@@ -204,10 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="schedule every radius (rho; SSE-SAM head_rho and tail_rho) from its --opt-kwargs value, "
                             "set at the start of each epoch: step, multistep or cosine, as timm's lr schedules")
     group.add_argument("--rho-decay-epochs", type=float, default=None,
-                       help="step: multiply every N epochs (required with --rho-sched step)")
+                       help="step: multiply every N epochs (no default: required with --rho-sched step)")
     group.add_argument("--rho-decay-milestones", type=int, nargs="+", default=None,
                        help="multistep: epochs at which to multiply (timm: milestone m from the 0-based epoch m-1; "
-                            "required with --rho-sched multistep)")
+                            "no default: required with --rho-sched multistep)")
     group.add_argument("--rho-decay-rate", type=float, default=0.1,
                        help="step / multistep factor (2 doubles the radius, as Focal-SAM's ImageNet-LT recipe)")
     group.add_argument("--rho-min", type=float, default=0.0, help="cosine: the radius of the last epoch")

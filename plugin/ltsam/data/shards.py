@@ -603,6 +603,22 @@ def _inat_class_names(json_file: str | os.PathLike) -> list[str]:
     return [cats.get(i, str(i)) for i in range(max(cats) + 1)] if cats else []
 
 
+def describe(root: str | os.PathLike) -> list[str]:
+    """One line per split written in ``root``: samples, shards, classes and the long-tail profile."""
+    splits = load_info(Path(root)).get("splits", {})
+    if not splits:
+        raise FileNotFoundError(f"{Path(root) / INFO_NAME}: missing or has no splits; write shards with "
+                                "`ltsam shards write`")
+    lines = []
+    for name, entry in sorted(splits.items()):
+        counts = [c for c in entry["class_counts"] if c]
+        profile = f", largest class {max(counts)}, smallest {min(counts)} (imbalance {max(counts) / min(counts):.1f})" \
+            if counts else ""
+        lines.append(f"{name}: {entry['num_samples']} samples in {len(entry['filenames'])} shards, "
+                     f"{len(entry['class_counts'])} classes{profile}")
+    return lines
+
+
 def _records_from_args(args: argparse.Namespace) -> tuple[list[Record], int | None, list[str] | None]:
     """(records, class count or None, class names or None) of the source named on the command line."""
     if args.dataset:
@@ -676,8 +692,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ltsam.data.sh
     check.add_argument("root")
     check.add_argument("--split", default=None)
     check.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    describe_parser = sub.add_parser("info", help="what a shard folder holds: per split samples, shards, classes")
+    describe_parser.add_argument("root")
     args = parser.parse_args(argv)
 
+    if args.command == "info":
+        try:
+            print("\n".join(describe(args.root)))
+        except FileNotFoundError as err:
+            parser.exit(1, f"{parser.prog} info: {err}\n")
+        return 0
     if args.command == "verify":
         problems = verify(args.root, args.split, args.workers)
         for line in problems:
