@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
 import pytest
 import torch
 
@@ -116,6 +119,16 @@ def test_folder_with_another_runs_checkpoint_is_refused_unless_resumed_or_overwr
     monkeypatch.delenv("LTSAM_LAUNCH_RECIPE")
     assert run(tmp_path, "--epochs", "1", "--overwrite") == 0
     assert len((tmp_path / "run" / "summary.csv").read_text().splitlines()) == 2
+
+
+def test_output_in_order_when_not_a_terminal(tmp_path):
+    """In a log file (no terminal) each epoch's plain line comes before its table, and no progress bar."""
+    log = io.StringIO()
+    with redirect_stdout(log), redirect_stderr(log):  # rich's consoles write to whatever sys.stdout/err are now
+        assert train_main([f for f in TINY if f != "--no-progress"] + ["--output", str(tmp_path)]) == 0
+    text = log.getvalue()
+    marks = [text.index(mark) for mark in ("epoch 0: loss", "│ epoch 0 │", "epoch 1: loss", "│ epoch 1 │", "done in")]
+    assert marks == sorted(marks) and "samples/s" not in text, text
 
 
 def test_tta_final_report(tmp_path):

@@ -315,6 +315,10 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
                 write_checkpoint(saver, engine, out, state, epoch, stopped_at=train_metrics["stopped_at"])
                 raise preempt.Preempted(stopped_message(
                     stop_request, out, f"{train_metrics['stopped_at']} updates into epoch {epoch}", state))
+            if primary and not show_bar:  # the plain line of the epoch, before its table
+                stage = f", stage {optimizer.stage}" if hasattr(optimizer, "stage") else ""
+                console.print(f"epoch {epoch}: loss {train_metrics['loss']:.4f}, "
+                              f"lr {optimizer.param_groups[0]['lr']:.3g}{stage}")
             if args.distributed and args.dist_bn:
                 distribute_bn(model, args.world_size, args.dist_bn == "reduce")
                 if model_ema is not None:
@@ -336,10 +340,6 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
             if primary:
                 update_summary(epoch, train_metrics, eval_metrics, str(out / SUMMARY),
                                lr=optimizer.param_groups[0]["lr"])
-                if not show_bar:
-                    stage = f", stage {optimizer.stage}" if hasattr(optimizer, "stage") else ""
-                    console.print(f"epoch {epoch}: loss {train_metrics['loss']:.4f}, "
-                                  f"lr {optimizer.param_groups[0]['lr']:.3g}{stage}")
                 state.wall_s = earlier_s + time.perf_counter() - start_time
             write_checkpoint(saver, engine, out, state, epoch, metric=eval_metrics.get("top1"))
             if epoch + 1 < stop and dist_utils.all_reduce_sum(torch.tensor([stop_request.flag], device=device)).item():
