@@ -107,7 +107,8 @@ def test_hostile_values_stay_one_argument_each(tmp_path):
     tools = _fake_tools(tmp_path / "fake bin")
     out = tmp_path / "out dir #1"
     plan = planned(SLURM, f"launcher.torchrun.executable={json.dumps(str(tools / 'argv dump'))}",
-                   "~launcher.slurm.setup", f"launcher.log_dir={json.dumps(str(out))}",
+                   "~launcher.slurm.setup", "~program.module", "program.script=train.py",  # any program's args
+                   f"launcher.log_dir={json.dumps(str(out))}",
                    f"launcher.slurm.job_name={json.dumps(HOSTILE)}", f"launcher.slurm.partition={json.dumps(HOSTILE)}",
                    f"launcher.slurm.sbatch_args={json.dumps(['--comment=' + HOSTILE])}",
                    f"launcher.slurm.srun_args={json.dumps(['--label=' + HOSTILE])}",

@@ -169,13 +169,13 @@ def test_slurm_torchrun_script():
 def test_slurm_script_expands_on_each_node(tmp_path):
     """Run the srun line's inner command through bash with fake SLURM variables: the values arrive intact."""
     plan = planned(YAML / "imagenet_lt_r50_ssesam_slurm.yaml", "launcher.torchrun.executable=echo",
-                   "program.args.note=$${SLURM_JOB_ID}/a b")
+                   "program.args.experiment=$${SLURM_JOB_ID}/a b")
     inner = shlex.split(srun_line(plan.files["launch-job.sbatch"]))[-1]
     env = {"SLURM_NNODES": "2", "HEAD_NODE": "node7", "SLURM_JOB_ID": "42", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(["bash", "-c", inner], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("--nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=node7:29500 "
                           "--rdzv-id=42 ")
-    assert "--note 42/a b" in out
+    assert "--experiment 42/a b" in out
 
 
 def test_slurm_deepspeed_script():
