@@ -34,6 +34,8 @@ def mentioned_commands() -> dict[str, str]:
                *sorted(ROOT.glob("tools/*.py"))]
     for path in sources:
         text = path.read_text()
+        if path.suffix == ".py":  # a message's string literals continued over lines, joined as Python joins them
+            text = re.sub(r"""(["'])\s*\n\s*[rfbu]*\1""", "", text)
         chunks = [m.group(1) for m in SPAN.finditer(text)]
         if path.suffix == ".md":
             chunks += [line for block in re.findall(r"```[^\n]*\n(.*?)```", text, re.S) for line in block.splitlines()]
