@@ -165,8 +165,10 @@ def _check_trainer_args(recipe: Recipe, world: int | None) -> None:
             near = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
             hint = f"did you mean {near[0]!r}?" if near else "see `ltsam train --help`"
             raise recipe.error(f"program.args.{key}", f"not a flag of ltsam train; {hint}")
-    extra = [str(a) for a in recipe.get("program.extra_args") or []]
-    problem = train_args.argv_problem(program.to_flags(program.resolved_args(recipe, world)) + extra)
+    # a value the job's shell fills in (`$${SLURM_ARRAY_TASK_ID}`) is known only there: its flag is not parsed here
+    known = {k: v for k, v in program.resolved_args(recipe, world).items() if "${" not in str(v)}
+    extra = [str(a) for a in recipe.get("program.extra_args") or [] if "${" not in str(a)]
+    problem = train_args.argv_problem(program.to_flags(known) + extra)
     if problem:
         where = "program.extra_args" if extra and any(a in problem for a in extra) else "program.args"
         raise RecipeError(recipe.source(where), where, f"ltsam train refuses it: {problem}")

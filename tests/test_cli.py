@@ -121,6 +121,14 @@ def test_launcher_checks_the_trainers_args(override, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_launcher_leaves_values_of_the_job_shell_to_the_job():
+    from launch_helpers import planned
+
+    script = planned(ROOT / "yaml" / "imagenet_lt_r50_ssesam_slurm.yaml",
+                     "program.args.seed=$${SLURM_ARRAY_TASK_ID}").files["launch-job.sbatch"]
+    assert '--seed "${SLURM_ARRAY_TASK_ID}"' in script
+
+
 def test_launcher_tells_the_trainer_its_recipe():
     """The trainer phrases its advice as overrides of the recipe the launcher ran (see test_train.py)."""
     from launch_helpers import planned
