@@ -85,8 +85,8 @@ def test_stream_stopped_by_a_signal_mid_epoch_resumes_bit_identical(digits_shard
 @pytest.mark.parametrize("flags, message", [
     (["--dataset", "shards", "--sampler", "repeat"], "use --dataset shards-wids"),
     (["--dataset", "shards", "--n-max", "10"], "long-tailed as written"),
-    (["--dataset", "shards", "--train-split", "nosuch"], "split 'nosuch' not in"),
-    (["--dataset", "shards-wids", "--val-split", "val"], "val_wids.json not found"),
+    (["--dataset", "shards", "--train-split", "nosuch"], r"has no split 'nosuch' \(written: .*`--train-split NAME`"),
+    (["--dataset", "shards-wids", "--val-split", "val"], r"has no split 'val' \(written: .*`--val-split NAME`"),
 ])
 def test_bad_shard_flags_name_the_problem(digits_shards, tmp_path, flags, message):
     root, _, _ = digits_shards
