@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import tarfile
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -71,10 +72,33 @@ def damaged_copy(clean: Path, tmp_path: Path, damage: str) -> tuple[Path, str, s
     if damage in SAMPLE_DAMAGE:
         ext, change, _ = SAMPLE_DAMAGE[damage]
         rewrite_member(root / name, key, ext, change)
-    elif damage == "truncated":
-        data = (root / name).read_bytes()
-        (root / name).write_bytes(data[: len(data) // 2])
+    elif damage in CUTS:
+        cut_shard(root / name, damage)
     return root, name, key, index
+
+
+def cut_shard(path: Path, cut: str) -> None:
+    """Truncate a shard: at half its size, or inside its last sample's image (the tar then ends 1 KiB early
+    and lists every sample but the last)."""
+    data = path.read_bytes()
+    if cut == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+        return
+    with tarfile.open(path) as tar:
+        last_image = [m for m in tar.getmembers() if not m.name.endswith(".cls")][-1]
+    path.write_bytes(data[: last_image.offset_data + last_image.size - 1])
+
+
+CUTS = ("truncated", "cut inside the last sample")
+
+
+def strip_sizes(root: Path) -> None:
+    """The wids index as an older writer left it: no file sizes, so the build-time check lists the headers."""
+    index = root / "train_wids.json"
+    data = json.loads(index.read_text())
+    for shard in data["shardlist"]:
+        del shard["filesize"]
+    index.write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize("damage", list(SAMPLE_DAMAGE))
@@ -105,10 +129,27 @@ def test_stream_skips_counts_and_names_a_damaged_sample(clean, tmp_path, caplog,
     assert len(set(ids[:, 0].tolist())) == len(ids) - 1
 
 
+@pytest.mark.parametrize("sizes", ["recorded", "older writer"])
+@pytest.mark.parametrize("cut", CUTS)
+def test_a_cut_shard_stops_every_reader_when_built(clean, tmp_path, cut, sizes):
+    """Found before the first batch, wherever the cut: by the size written, or for sets without sizes by the
+    samples the headers list."""
+    root, name, _, _ = damaged_copy(clean, tmp_path, cut)
+    if sizes == "older writer":
+        strip_sizes(root)
+    what = r"\d+ bytes, written as \d+" if sizes == "recorded" else r"\d+ whole samples, the index says \d+"
+    message = rf"1 of \d+ shards of split 'train' in .* are damaged .*: {name}: {what}\. Run `python -m ltsam"
+    for build in (partial(StreamingDataset, mode="instance"), partial(StreamingDataset, mode="balanced"),
+                  ShardIndexDataset):
+        with pytest.raises(ValueError, match=message):
+            build(root)
+
+
 @pytest.mark.parametrize("mode", ["instance", "balanced"])
-def test_stream_fails_at_epoch_end_on_a_truncated_shard(clean, tmp_path, mode):
-    root, name, _, index = damaged_copy(clean, tmp_path, "truncated")
+def test_stream_fails_at_epoch_end_on_a_shard_cut_while_training(clean, tmp_path, mode):
+    root, name, _, index = damaged_copy(clean, tmp_path, "none")
     ds = StreamingDataset(root, mode=mode, batch_size=4, samples_per_epoch=2000, transform=identify)
+    cut_shard(root / name, "truncated")
     with pytest.raises(RuntimeError, match=rf"{name} holds \d+ of \d+ samples"):
         for _ in DataLoader(ds, batch_size=4):
             pass
@@ -136,13 +177,35 @@ def test_wids_skips_counts_and_names_a_damaged_sample(clean, tmp_path, caplog, d
     assert label == ds.targets[index] == ident[1] == written[1] and ident[0] != written[0]
     assert labels[int(ident[0])] == label and ds.num_skipped == 1
     assert ds.skipped_by_shard() == {name: 1} and f"{name}: skipping sample {key}" in caplog.text
-    ds[index]  # counted again, logged once per shard
-    assert ds.num_skipped == 2 and caplog.text.count("skipping sample") == 1
+    ds[index]  # the same bad sample again: one bad sample, two skips, logged once per shard
+    assert ds.num_skipped == 1 and ds.skip_events == 2 and caplog.text.count("skipping sample") == 1
+    assert ds.bad_samples() == {name: [POSITION]}
+
+
+def test_wids_counts_each_bad_sample_once_however_often_the_class_falls_through(clean, tmp_path):
+    """Every sample of one class's run in a shard damaged, every index read: the fall-through meets each bad
+    sample many times, the count is of bad samples."""
+    root, name, _, _ = damaged_copy(clean, tmp_path, "none")
+    ds = ShardIndexDataset(root, transform=identify)
+    shard = ds.ledger.names.index(name)
+    start, stop = ds.ledger.starts[shard], ds.ledger.starts[shard + 1]
+    label = int(ds.targets[start])
+    positions = [i - start for i in range(start, stop) if ds.targets[i] == label][:6]
+    with tarfile.open(root / name) as tar:
+        keys = list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))
+    for position in positions:
+        rewrite_member(root / name, keys[position], "png", flip_byte)
+    ds = ShardIndexDataset(root, transform=identify)
+    for index in ds.same_class(label):
+        assert ds[int(index)][1] == label
+    assert ds.num_skipped == len(positions) and ds.bad_samples() == {name: positions}
+    assert ds.skip_events > len(positions)  # samples after a bad one fall through it again
 
 
 def test_wids_fails_on_a_truncated_shard_and_a_deleted_one(clean, tmp_path):
-    root, name, _, index = damaged_copy(clean, tmp_path, "truncated")
+    root, name, _, index = damaged_copy(clean, tmp_path, "none")
     ds = ShardIndexDataset(root)
+    cut_shard(root / name, "truncated")  # cut after the set was built: found at the first access
     with pytest.raises(RuntimeError, match=name):
         ds[index]
     (root / name).unlink()
