@@ -9,18 +9,22 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 import tarfile
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_shards import lt_arrays, write_lt
 from test_stream import identify
 from torch.utils.data import DataLoader
 
-from ltsam.data.shards import read_labels, verify
+from ltsam.data import shards
+from ltsam.data.shards import read_labels, records_from_arrays, verify, write_shards
 from ltsam.data.stream import StreamingDataset
 from ltsam.data.wids_access import ShardIndexDataset
 
@@ -211,3 +215,91 @@ def test_wids_fails_on_a_truncated_shard_and_a_deleted_one(clean, tmp_path):
     (root / name).unlink()
     with pytest.raises(FileNotFoundError, match=name):
         ShardIndexDataset(root)
+
+
+def without_digests(clean: Path, tmp_path: Path) -> Path:
+    """A copy of the clean set as a writer without digests left it: no per-sample digests, file sizes or
+    SHA-256s."""
+    root = tmp_path / "older"
+    shutil.copytree(clean, root)
+    index = json.loads((root / "train_wids.json").read_text())
+    for shard in index["shardlist"]:
+        del shard["digests"], shard["filesize"]
+    (root / "train_wids.json").write_text(json.dumps(index))
+    info = json.loads((root / "_info.json").read_text())
+    del info["splits"]["train"]["shard_sha256"]
+    (root / "_info.json").write_text(json.dumps(info))
+    return root
+
+
+def test_a_set_without_digests_is_named_and_the_digest_command_adds_them(clean, tmp_path, caplog, capsys):
+    root = without_digests(clean, tmp_path)
+    command = f"`python -m ltsam.data.shards digest {root} --split train`"
+    assert verify(root) == [] and shards.main(["verify", str(root), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"of split 'train' in {root} were written without per-sample digests" in out and command in out
+    with caplog.at_level(logging.WARNING, logger="ltsam.data"):
+        StreamingDataset(root)
+        ShardIndexDataset(root)
+    assert caplog.text.count("without per-sample digests") == 1 and command in caplog.text  # once per set
+
+    assert shards.main(["digest", str(root), "--workers", "1"]) == 0
+    # what the writer recorded, recovered from the shards: digests, sizes, SHA-256s
+    for name in ("train_wids.json", "_info.json"):
+        assert json.loads((root / name).read_text()) == json.loads((clean / name).read_text())
+    shards.main(["verify", str(root), "--workers", "1"])
+    assert "without per-sample digests" not in capsys.readouterr().out
+
+
+def test_the_digest_command_refuses_a_damaged_set(clean, tmp_path, capsys):
+    root, name, key, _ = damaged_copy(clean, tmp_path, "label out of range")
+    root = without_digests(root, tmp_path)
+    before = (root / "train_wids.json").read_bytes()
+    assert shards.main(["digest", str(root), "--workers", "1"]) == 1
+    captured = capsys.readouterr()
+    assert f"{name}: sample {key}: label 99 is out of range for 10 classes" in captured.err
+    assert "nothing written, fix them first" in captured.out and (root / "train_wids.json").read_bytes() == before
+
+
+def jpeg_bytes(size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_verify_decode_finds_a_jpeg_cut_after_its_header(tmp_path, monkeypatch, capsys):
+    """Bad images that passed an older writer: a JPEG cut to 90 % (header intact) is found by decoding only,
+    bytes that are no image by their header; messages name the sample, never a Python object."""
+    images, labels = lt_arrays()
+    records = records_from_arrays(images, labels)
+    data = jpeg_bytes()
+    records[5] = (records[5][0], data[: len(data) * 9 // 10], records[5][2])
+    records[6] = (records[6][0], b"\xff\xd8\xff not a jpeg", records[6][2])
+    with monkeypatch.context() as older_writer:
+        older_writer.setattr(shards, "image_problem", lambda data, decode=True: None)
+        write_shards(records, tmp_path, maxcount=40, show_progress=False)
+    header_only, decoded = verify(tmp_path), verify(tmp_path, decode=True)
+    no_image = "sample 0000006: not a readable image (not a recognised image format)"
+    assert len(header_only) == 1 and no_image in header_only[0]
+    cut = next(p for p in decoded if p != header_only[0])
+    assert len(decoded) == 2 and "sample 0000005: not a readable image (OSError: image file is truncated" in cut
+    assert not any("<_io" in p for p in decoded)
+    assert shards.main(["verify", str(tmp_path), "--workers", "1"]) == 1
+    assert "note: images were checked by their headers only: `verify --decode`" in capsys.readouterr().out
+
+
+def test_writer_refuses_a_cut_jpeg_with_one_sentence(tmp_path, capsys):
+    folder = tmp_path / "images"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "dog").mkdir()
+    data = jpeg_bytes()
+    (folder / "cat" / "a.jpg").write_bytes(data)
+    (folder / "dog" / "b.jpg").write_bytes(data[: len(data) * 9 // 10])
+    out = tmp_path / "out"
+    assert shards.main(["write", "--folder", str(folder), "--out", str(out), "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(
+        re.escape(f"python -m ltsam.data.shards write: record 'dog/b' ({folder / 'dog' / 'b.jpg'}) is not a readable "
+                  "image (OSError: image file is truncated (") + r"\d+" + re.escape(
+                  " bytes not processed)): replace it or leave it out, then write again (finished shards are kept)"),
+        err[0])
