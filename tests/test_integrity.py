@@ -251,6 +251,16 @@ def test_a_set_without_digests_is_named_and_the_digest_command_adds_them(clean, 
     assert "without per-sample digests" not in capsys.readouterr().out
 
 
+def test_the_digest_command_writes_a_missing_index(clean, tmp_path):
+    root = without_digests(clean, tmp_path)
+    (root / "train_wids.json").unlink()
+    (root / "train_by_class.npz").unlink()
+    assert shards.add_digests(root) == []
+    for name in ("train_wids.json", "_info.json"):
+        assert json.loads((root / name).read_text()) == json.loads((clean / name).read_text())
+    assert (root / "train_by_class.npz").read_bytes() == (clean / "train_by_class.npz").read_bytes()
+
+
 def test_the_digest_command_refuses_a_damaged_set(clean, tmp_path, capsys):
     root, name, key, _ = damaged_copy(clean, tmp_path, "label out of range")
     root = without_digests(root, tmp_path)

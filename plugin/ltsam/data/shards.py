@@ -548,13 +548,14 @@ def check_shard(check: ShardCheck) -> ShardFound:
     return ShardFound(problems, result)
 
 
-def _check_split(root: Path, name: str, entry: dict, decode: bool, num_workers: int) -> tuple[list[str], dict]:
+def _check_split(root: Path, name: str, entry: dict, decode: bool, num_workers: int,
+                 index_required: bool = True) -> tuple[list[str], dict]:
     """(problems, ShardFound by file name) of one split: each shard re-read, then counts against _info.json."""
     problems = []
     try:
         indexed = {s["url"]: s for s in read_shardlist(root, name)}
     except FileNotFoundError as err:
-        problems.append(str(err))
+        problems += [str(err)] if index_required else []
         indexed = {}
     paths = [str(root / f) for f in entry["filenames"]]
     sha256 = entry.get("shard_sha256") or [None] * len(paths)
@@ -646,14 +647,15 @@ def undigested_note(root: str | os.PathLike, split: str, shardlist: list[dict] |
 
 
 def add_digests(root: str | os.PathLike, split: str | None = None, num_workers: int = 1) -> list[str]:
-    """Record what an older writer left out (per-sample digests, file SHA-256 and size, the per-class index)
-    from the shards as they are now, after checking every sample against the rest of the metadata and decoding
-    every image. Returns the problems; with any, nothing is written (digests of damaged data would bless it)."""
+    """Record what an older writer left out (per-sample digests, file SHA-256 and size; the wids and per-class
+    indexes where missing) from the shards as they are now, after checking every sample against the rest of
+    the metadata and decoding every image. Returns the problems; with any, nothing is written (digests of
+    damaged data would bless it)."""
     root = Path(root)
     splits, names, problems = _splits(root, split)
     found_by_split = {}
     for name in names:
-        split_problems, found = _check_split(root, name, splits[name], True, num_workers)
+        split_problems, found = _check_split(root, name, splits[name], True, num_workers, index_required=False)
         problems += split_problems
         found_by_split[name] = found
     if problems:
