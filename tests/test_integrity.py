@@ -131,6 +131,10 @@ def test_stream_skips_counts_and_names_a_damaged_sample(clean, tmp_path, caplog,
     assert f"{name}: skipping sample {key}" in caplog.text
     # what was trained on is the written data: every image's pixels match its label
     assert len(set(ids[:, 0].tolist())) == len(ids) - 1
+    ds.set_epoch(1)
+    for _ in ds:  # met again in the next epoch: still one bad sample, two skips
+        pass
+    assert ds.num_skipped == 1 and ds.skip_events == 2 and ds.bad_samples() == {name: [POSITION]}
 
 
 @pytest.mark.parametrize("sizes", ["recorded", "older writer"])

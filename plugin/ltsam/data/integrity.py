@@ -1,9 +1,11 @@
 """Sample digests, a tolerant tar reader that can start at any sample, and the skip ledger of the readers.
 
 The writer records one digest per sample (key, every member's extension and bytes) and one SHA-256 per shard
-file; ``verify``, the stream and the ``wids`` reader recompute the sample digest of what they read, so a
-flipped byte, a changed label or a swapped payload is caught without decoding anything. What a reader skips
-is counted per shard in shared memory (loader workers are separate processes) and logged once per shard
+file, and the file's size in the ``wids`` index; ``verify``, the stream and the ``wids`` reader recompute the
+sample digest of what they read, so a flipped byte, a changed label or a swapped payload is caught without
+decoding anything, and a shard not of its written size is refused before anything is read
+(:func:`shard_damage`). The bad samples a reader skips are flagged per sample in shared memory (loader
+workers are separate processes), so each counts once however often it is met, and logged once per shard
 with the shard's name and the first key; a shard that holds fewer samples than its metadata is recorded and
 turned into an error naming it (``SkipLedger.raise_if_short``).
 

@@ -8,8 +8,9 @@ A split written to ``out_dir`` consists of:
   shard its frequency bucket, class histogram, the digest of its sources (``shard_digests``, for resuming a
   write) and the SHA-256 of the file (``shard_sha256``), and the split's ``class_counts``;
 * ``{split}_class_counts.json``: per-class counts (:func:`ltsam.counts.save_class_counts`);
-* ``{split}_wids.json``: a ``wids`` index with each shard's labels and per-sample content digests
-  (:func:`ltsam.data.integrity.sample_digest`), which every reader checks;
+* ``{split}_wids.json``: a ``wids`` index with each shard's size (``filesize``), labels and per-sample
+  content digests (:func:`ltsam.data.integrity.sample_digest`), which every reader checks (``digest`` adds
+  them to a set an older writer left without);
 * ``{split}_by_class.npz``: per class, the indices of its samples (``order[offsets[c]:offsets[c + 1]]``),
   so random-access readers never rebuild it.
 

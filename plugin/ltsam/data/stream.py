@@ -456,8 +456,10 @@ class StreamingDataset(IterableDataset):
     ``len(dataset)`` is the samples per rank per epoch; use ``DataLoader(dataset, batch_size, num_workers)``
     with the same ``num_workers`` given here (every worker yields whole batches). ``mode=None`` or
     ``'instance'`` reads each image once per epoch; other modes re-balance in the stream (module docstring).
-    Samples that fail their check or do not decode are skipped and counted (``num_skipped``,
-    ``skipped_by_shard``); a shard found shorter than its metadata is an error when the epoch's quota is done.
+    A shard missing or not of its written size is an error when the data set is built. Samples that fail
+    their check or do not decode are skipped and counted once each however often met (``num_skipped``,
+    ``skipped_by_shard``; every skip in ``skip_events``); a shard found shorter than its metadata while
+    reading (cut after the build) is an error when the epoch's quota is done.
     Loader workers reseed Python, NumPy and torch from (seed, epoch, rank, worker) at each epoch, so random
     augmentation repeats exactly with persistent workers too.
     """
