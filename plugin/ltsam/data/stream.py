@@ -519,6 +519,8 @@ class StreamingDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.value = epoch
+        if self.mode == "progressive":  # extend the running sums here: workers started afresh inherit them
+            self.source.past_reads(epoch, self.readers)
 
     @property
     def class_counts(self) -> list[int]:
