@@ -1,4 +1,4 @@
-"""The ``ltsam`` console script: ``ltsam train ...``, ``ltsam shards write|verify|info ...``.
+"""The ``ltsam`` console script: ``ltsam train ...``, ``ltsam shards write|verify|digest|info ...``.
 
 It lives here, not in ``ltsam``, because ``import ltsam`` imports torch and timm (seconds): ``ltsam --help``
 and ``ltsam train --help`` answer without them, and each command imports its module only when it runs.
@@ -28,7 +28,7 @@ def _shards(argv: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a model on a long-tailed data set (ltsam train --help)"),
-    "shards": (_shards, "write, verify or describe webdataset shards of a data set (ltsam shards --help)"),
+    "shards": (_shards, "write, verify, digest or describe webdataset shards (ltsam shards --help)"),
 }
 
 
