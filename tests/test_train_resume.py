@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import processes
 import pytest
 import timm.utils.checkpoint_saver
 import torch
@@ -46,8 +47,7 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 def trainer(out, experiment: str, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ltsam.train", *TINY, "--output", str(out), "--experiment", experiment, *flags]
-    return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), capture_output=True,
-                          text=True, timeout=300)
+    return processes.run(cmd, env=processes.env_with(env))
 
 
 def test_sigterm_mid_epoch_checkpoints_and_the_resumed_run_is_bit_identical(tmp_path):
@@ -106,7 +106,7 @@ def test_resume_with_another_configuration_is_refused_naming_each_key(tmp_path):
         run(tmp_path, "--opt", "sgd", "--lr", "0.5", "--imb-factor", "5", "--resume", "auto")
     text = str(info.value.code)
     for part in ("imb_factor: None in the checkpoint, 5.0 now", "lr: 0.05 in the checkpoint, 0.5 now",
-                 "opt: 'ssesam' in the checkpoint, 'sgd' now", "--resume-override eta imb_factor lr "):
+                 "opt: 'ssesam' in the checkpoint, 'sgd' now", "--resume-override class_counts eta imb_factor lr "):
         assert part in text, text
     assert "model_ema" in text and "sampler: 'balanced' in the checkpoint, 'none' now" in text
     with pytest.raises(SystemExit, match=r"--resume-override 'epoch' \(did you mean 'epochs'\?\)"):
