@@ -89,9 +89,10 @@ class Saver(CheckpointSaver):
             state["amp_scaler"] = self.scaler.state_dict()
         if metric is not None:
             state["metric"] = metric
-        try:
-            torch.save(state, save_path)
-        except (OSError, RuntimeError) as err:  # torch's zip writer reports ENOSPC as a RuntimeError
+        try:  # through a Python file: a full disk is then OSError ENOSPC, not torch's "unexpected pos 704 vs 598"
+            with open(save_path, "wb") as file:
+                torch.save(state, file)
+        except (OSError, RuntimeError) as err:
             Path(save_path).unlink(missing_ok=True)
             raise CheckpointNotWritten(unwritten_message(Path(save_path), err)) from None
 
@@ -111,14 +112,13 @@ class CheckpointNotWritten(RuntimeError):
 
 
 def unwritten_message(path: Path, err: Exception) -> str:
-    """One sentence: what failed, the free space, and that ``last.pth.tar`` (written atomically) is intact."""
+    """One sentence: what failed, the free space, and that ``last.pth.tar`` (replaced atomically) is intact."""
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
-    reason = reason.split("] . ")[-1]  # torch's "[enforce fail at inline_container.cc:NNN] . " prefix
     free = shutil.disk_usage(path.parent).free / 2**20
     last = path.parent / LAST
     kept = f"'{last}' still holds the previous checkpoint" if last.is_file() else "no earlier checkpoint exists"
-    return (f"could not write checkpoint '{path}' ({reason}; {free:.0f} MiB free on its disk: a full disk or "
-            f"quota is the usual cause); {kept}: free space, then rerun with --resume auto")
+    return (f"could not write checkpoint '{path}' ({reason}; {free:.0f} MiB free on its disk); {kept}: free "
+            "space, then rerun with --resume auto")
 
 
 def rank_buffers(model: nn.Module, model_ema) -> dict:
