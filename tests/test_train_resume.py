@@ -179,7 +179,7 @@ def test_resume_auto_takes_the_checkpoint_furthest_into_training_whatever_the_mt
     assert resume_point.resolve_resume("auto", copy)[0].path == copy / "last.pth.tar"
 
 
-def test_class_counts_compare_by_content_not_path(tmp_path):
+def test_class_counts_compare_by_content_not_path(tmp_path, capsys):
     """The counts the run trained with, given from another path (a copy), resume; changed counts are refused
     with the first class that differs, not a wall of numbers."""
     assert run(tmp_path, "--stop-epoch", "1") == 0
@@ -194,8 +194,13 @@ def test_class_counts_compare_by_content_not_path(tmp_path):
         run(tmp_path, "--class-counts", str(counts), "--resume", "auto", "--epochs", "3", "--resume-override",
             "epochs")
     original = load(tmp_path / "run" / "last.pth.tar")["class_counts"][4]
-    assert (f"(class_counts: the counts differ in 1 of 10 classes (class 4: {original} in the checkpoint, "
-            f"{original - 1} now)); resuming would mix two runs") in str(info.value.code)
+    difference = f"the counts differ in 1 of 10 classes (class 4: {original} in the checkpoint, {original - 1} now)"
+    assert f"(class_counts: {difference}); resuming would mix two runs" in str(info.value.code)
+    capsys.readouterr()
+    assert run(tmp_path, "--class-counts", str(counts), "--resume", "auto", "--epochs", "3", "--resume-override",
+               "epochs", "class_counts") == 0
+    assert f"; class_counts: {difference} (--resume-override)" in capsys.readouterr().err
+    assert load(tmp_path / "run" / "last.pth.tar")["class_counts"][4] == original - 1
 
 
 def test_full_disk_while_writing_a_checkpoint_is_one_sentence_and_last_stays(tmp_path, capsys):

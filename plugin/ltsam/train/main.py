@@ -258,7 +258,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
         state = load_training_state(resume, model, optimizer, scheduler, scaler, model_ema, saver, args.rank, engine)
         if saver is not None:
             saver.train_state = state
-        changed = "".join(f"; {k} {old!r} -> {new!r} (--resume-override)"
+        changed = "".join(f"; {k} {old!r} -> {new!r} (--resume-override)" if k != "class_counts" else
+                          f"; {k}: {resume_point.shown(k, old, new)} (--resume-override)"
                           for k, (old, new) in resume.overridden.items())
         console.print(f"resumed from '{resume.path}' at epoch {state.epoch} (update {state.num_updates}"
                       f"{f', {state.skip} into the epoch' if state.skip else ''}){changed}")
