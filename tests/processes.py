@@ -128,9 +128,10 @@ def forked_ranks(target: Callable[[int], int], world: int, logs: Path, timeout: 
             code = 1
             try:
                 code = target(rank)
-            except SystemExit as err:
-                print(err.code, file=sys.stderr)
-                code = err.code if isinstance(err.code, int) else 1
+            except SystemExit as err:  # what the interpreter would do with it
+                if err.code is not None and not isinstance(err.code, int):
+                    print(err.code, file=sys.stderr)
+                code = err.code if isinstance(err.code, int) else int(err.code is not None)
             except BaseException:
                 traceback.print_exc()
             finally:
