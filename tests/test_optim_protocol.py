@@ -19,6 +19,8 @@ from ltsam.optim import SAM, SSESAM, ImbSAM
 from ltsam.optim.protocol import unwrap
 from ltsam_common.names import SAM_METHODS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def sam(net: torch.nn.Module, **kwargs) -> SAM:
     return timm.optim.create_optimizer_v2(net, opt="sam", lr=0.1, base="momentum", filter_bias_and_bn=False,

@@ -82,7 +82,7 @@ def accumulation_refused() -> str | None:
     if state_module is None:
         return None
     shared = getattr(getattr(state_module, "GradientState", None), "_shared_state", {})
-    steps = shared.get("plugin_kwargs", {}).get("num_steps", 1) if shared.get("initialized") else 1
+    steps = (shared.get("plugin_kwargs") or {}).get("num_steps", 1)
     if steps <= 1:
         return None
     return (f"Accelerator(gradient_accumulation_steps={steps}): Accelerate steps the optimizer on the last "
