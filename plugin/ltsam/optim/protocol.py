@@ -51,12 +51,13 @@ def _shared(name: str, doc: str) -> property:
 
 
 def takes_index(closure: Callable) -> bool:
-    """Whether ``closure`` accepts a positional argument (the sample indices of a subset forward)."""
+    """Whether ``closure`` names a positional parameter (the sample indices of a subset forward). A bare
+    ``*args`` does not count: generic wrappers (Lightning's ``Closure``) forward it to a closure without one."""
     try:
         parameters = inspect.signature(closure).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature: call it with no argument
         return False
-    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
 
 
 def unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
