@@ -4,6 +4,7 @@ the classic closure, first_step/second_step, set_targets, wrappers that copy __d
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import pickle
 
@@ -16,7 +17,7 @@ from test_optim_exact import closure_for
 
 import ltsam  # noqa: F401
 from ltsam.optim import SAM, SSESAM, ImbSAM
-from ltsam.optim.protocol import unwrap
+from ltsam.optim.protocol import takes_index, unwrap
 from ltsam_common.names import SAM_METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -225,3 +226,15 @@ def test_clipping_in_a_plain_loop():
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(p, q) for p, q in zip(nets[0].parameters(), nets[2].parameters()))
+
+
+def test_the_closure_kind_comes_from_its_signature():
+    def per_sample(index=None):
+        return index
+
+    def forwarding(*args, **kwargs):
+        return args
+
+    assert takes_index(per_sample) and takes_index(lambda idx=None: idx)
+    assert not takes_index(lambda: None) and not takes_index(forwarding)
+    assert not takes_index(functools.partial(per_sample, None))  # Lightning's wrapped closure is a partial
