@@ -55,6 +55,20 @@ def test_a_copy_continues_exactly_as_the_original(copy_fn):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("copy_fn", [copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))],
+                         ids=["deepcopy", "pickle"])
+def test_a_copy_keeps_the_radius_schedule(copy_fn):
+    net = conv_gn_net()
+    opt = timm.optim.create_optimizer_v2(net, opt="focalsam", class_counts=CLASS_COUNTS, rho_sched="cosine",
+                                         epochs=10).attach(net)
+    opt.set_epoch(3)
+    opt_copy = copy_fn(opt)
+    assert opt_copy.scheduled_radii() == opt.scheduled_radii() and opt.scheduled_radii()["rho"] < 0.2
+    opt_copy.next_epoch()
+    opt.next_epoch()
+    assert opt_copy.param_groups[0]["rho"] == opt.param_groups[0]["rho"]
+
+
 def test_state_dict_hooks_registered_on_the_optimizer_fire():
     net = conv_gn_net()
     opt = sam(net)

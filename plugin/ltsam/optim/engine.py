@@ -300,6 +300,10 @@ class SAMFamily(OptimizerProtocol):
         if self._radius_scheduler is not None:
             self._radius_scheduler.step(self.epoch)
 
+    def _rebuild_radius_scheduler(self) -> None:
+        """A copy's rho_sched scheduler: rebuilt for the copy's epoch (the radii are a function of it)."""
+        self.set_epoch(self.epoch)
+
     def scheduled_radii(self) -> dict[str, float]:
         """The radii ``rho_sched`` set last (first param group), e.g. for the epoch summary; empty without a
         schedule."""

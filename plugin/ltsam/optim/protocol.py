@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from collections.abc import Callable
@@ -143,10 +144,19 @@ class OptimizerProtocol(torch.optim.Optimizer):
 
     # -- copies --------------------------------------------------------------------------------------------
     def __getstate__(self) -> dict:
-        return dict(self.__dict__)
+        # rho_sched's scheduler cannot travel (its classes are made at run time): the copy rebuilds it
+        return {**self.__dict__, "_shared": dataclasses.replace(self._shared, radius_scheduler=None),
+                "_rebuild_radius_scheduler": self._shared.radius_scheduler is not None}
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        rebuild = state.pop("_rebuild_radius_scheduler", False)
         super().__setstate__(state)  # torch's: restores hook dicts missing from old pickles
+        if rebuild:
+            self._rebuild_radius_scheduler()
+
+    def _rebuild_radius_scheduler(self) -> None:
+        raise NotImplementedError
 
     # -- state-dict hooks registered on this optimizer (torch's register_*_state_dict_*_hook) ----------------
     def _state_dict_with_hooks(self, build: Callable[[], dict]) -> dict:
