@@ -54,6 +54,11 @@ forward at w + NaN would poison them). Parameters are restored by copy and momen
 all-reduce for all perturbation directions of the step, one for the update G at the end (all-reduce is
 linear, so summing before reducing gives the same G up to float rounding).
 
+**Calling conventions** (:mod:`ltsam.optim.protocol`). A closure that takes an index gets subset forwards; one
+that takes none runs the whole batch (the plan then forwards every sample); a closure that returns a scalar has
+back-propagated itself (davda54's classic closure, ``sam`` / ASAM only): the engine perturbs along ``p.grad``,
+runs it again at w + eps and steps, as :meth:`SAMFamily.first_step` / :meth:`SAMFamily.second_step` do.
+
 **Host syncs.** At most one per step: reading which samples each weighting touches (and the label checks)
 to decide the plan; none when every weight is a float (SAM). Norms, radii, the BN cumulative-average weight
 and the skip counter stay on the device (``skipped_steps`` reads the counter when asked). ``scaler.step``
@@ -779,7 +784,7 @@ def _create_base(params, base: str | type[torch.optim.Optimizer], common: dict[s
         given = {k: v for k, v in common.items() if v is not None and getattr(info, f"has_{k}")}
         return create_optimizer_v2(params, opt=base, **given, **options)
     if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)) or issubclass(base, SAMFamily):
-        raise TypeError(f"base={base!r} must be a timm optimizer name (e.g. 'momentum') or a torch.optim.Optimizer "
+        raise ValueError(f"base={base!r} must be a timm optimizer name (e.g. 'momentum') or a torch.optim.Optimizer "
                         "class that is not itself SAM-family (e.g. torch.optim.SGD)")
     accepted = inspect.signature(base).parameters
     given = {k: v for k, v in common.items() if v is not None and k in accepted}
