@@ -112,6 +112,9 @@ def test_base_may_be_an_optimizer_class(base):
     assert opt.defaults["base"] == f"{base.__module__}.{base.__qualname__}"  # a name: state_dict stays plain
     x, y = batches(1)[0]
     opt.attach(net).step(closure_for(net, x, y))
+    with pytest.raises(ValueError, match=r"base=<class 'torch.nn.modules.linear.Linear'> must be a timm optimizer "
+                                         "name"):
+        SAM(net.parameters(), base=torch.nn.Linear)
 
 
 def test_davda54s_positional_base_is_explained():
