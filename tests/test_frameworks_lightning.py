@@ -142,3 +142,11 @@ def test_automatic_optimisation_refuses_class_aware_methods_and_accumulation(man
         trainer(epochs=1).fit(LitSAM(copy.deepcopy(start), "imbsam", manual=False), data())
     with pytest.raises(ValueError, match="accumulate_grad_batches=2 in automatic optimisation"):
         trainer(epochs=1, accumulate_grad_batches=2).fit(LitSAM(copy.deepcopy(start), "sam", manual=False), data())
+
+
+def test_a_grad_scaler_precision_is_refused(manual_runs):
+    """16-mixed on a GPU brings a GradScaler (on CPU Lightning has none): given one, SAMCallback refuses."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="Lightning's GradScaler path runs the closure once itself"):
+        trainer(epochs=1, plugins=[scaled]).fit(LitSAM(copy.deepcopy(manual_runs["sam"][0]), "sam"), data())
