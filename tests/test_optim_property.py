@@ -196,3 +196,60 @@ def test_a_float64_model_gets_float64_accuracy(method, model_name):
         scheme_step(ref, ref_opt, x.double(), y, scheme(method, y, torch.float64), DELTA.get(method, 1e-16))
     for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
         assert a.dtype == b.dtype and torch.allclose(a, b, atol=1e-13, rtol=0), f"{name}: {(a - b).abs().max():.3g}"
+
+
+# -- torch.compile: one VJP per compiled forward ----------------------------------------------------------------
+# aot_eager runs AOTAutograd (the compiled graph autograd sees, as inductor's) with eager kernels, so it is exact
+# and compiles in seconds; tools/bench_step.py --compile measures inductor itself.
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("model_name", ["vit", "ln"])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_compiled_model_takes_one_gradient_per_forward_and_steps_exactly(method, model_name):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = MODELS[model_name]()
+    ref = copy.deepcopy(ours)
+    opt, ref_opt = make_optimizer(method, ours), reference_opt(ref)
+    compiled = torch.compile(ours, backend="aot_eager")
+    opt.attach(compiled)
+    for x, y in data("one tail", seed=2)[:2]:
+        plan = opt.plan(y)
+        assert all(len(p.vjps) == 1 for p in plan.at_w), str(plan)  # no retain_graph on a compiled graph
+        opt.step(closure_for(compiled, x, y), targets=y)
+        if method == "classradiussam":
+            scheme_step(ref, ref_opt, x, y, scheme(method, y), DELTA[method])
+        else:
+            official_step(method, ref, ref_opt, x, y)
+    assert_close(list(ours.state_dict().values()), list(ref.state_dict().values()), "state entry", atol=2e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("method,composition", [("sam", "one tail"), ("ssesam stage 2", "no tail")])
+def test_a_compiled_batchnorm_model_replays_by_forwarding_at_w(method, composition):
+    """BatchNorm forward hooks do not run inside a compiled graph: the official forwards the engine skips are
+    run again at w (no backward), so the running buffers still end where the official schedule leaves them."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = conv_bn_net()
+    ref = copy.deepcopy(ours)
+    opt, ref_opt = make_optimizer(method, ours), reference_opt(ref)
+    compiled = torch.compile(ours, backend="aot_eager")
+    opt.attach(compiled)
+    for x, y in data(composition, seed=3)[:2]:
+        opt.step(closure_for(compiled, x, y), targets=y)
+        official_step(method, ref, ref_opt, x, y)
+    assert_close(list(ours.state_dict().values()), list(ref.state_dict().values()), "state entry", atol=2e-6)
+    official_forwards = {"sam": 2, "ssesam stage 2": 4}[method]
+    assert opt.last_passes.forward == official_forwards  # with no tail: w, w + 0 (head), w (tail), w + 0
+
+
+@pytest.mark.parametrize("method", ["imbsam", "ssesam stage 1", "focalsam"])
+def test_a_compiled_batchnorm_model_that_needs_two_gradients_of_one_forward_is_refused(method):
+    model = conv_bn_net()
+    opt = make_optimizer(method, model)
+    opt.attach(torch.compile(model, backend="aot_eager"))
+    x, y = data("one tail", seed=0)[0]
+    with pytest.raises(ValueError, match=r"compiled model with batch-coupled layers \(BatchNorm\).*drop "
+                                         r"--torchcompile"):
+        opt.step(closure_for(model, x, y), targets=y)
+    assert all(p.grad is None for p in model.parameters())
