@@ -127,6 +127,27 @@ def test_automatic_optimisation_with_sam(manual_runs, one_thread):
     assert_close(module.net, plain_loop(copy.deepcopy(start), "sam"), rtol=1e-5, atol=1e-6)
 
 
+def test_automatic_gradient_clipping_by_norm_clips_the_update(manual_runs, one_thread):
+    """Lightning clips after each closure call: by norm, the perturbation's direction is unchanged and the update
+    is clipped, as the plain loop's pre-hook on the base optimizer clips it."""
+    start, _ = manual_runs["sam"]
+    module = LitSAM(copy.deepcopy(start), "sam", manual=False)
+    trainer(gradient_clip_val=0.05).fit(module, data())
+    net = copy.deepcopy(start)
+    opt = create(net, "sam").attach(net)
+
+    def clip(*_) -> None:  # a step pre-hook returns None
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+
+    opt.base_optimizer.register_step_pre_hook(clip)
+    for _ in range(EPOCHS):
+        for x, y in data():
+            opt.step(closure_for(net, x, y))
+    assert_close(module.net, net, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(p, q) for p, q in zip(net.parameters(), plain_loop(copy.deepcopy(start), "sam")
+                                                           .parameters()))
+
+
 def test_bf16_mixed_runs(manual_runs, one_thread):
     start, _ = manual_runs["imbsam"]
     module = LitSAM(copy.deepcopy(start), "imbsam")
