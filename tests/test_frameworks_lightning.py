@@ -163,6 +163,9 @@ def test_automatic_optimisation_refuses_class_aware_methods_and_accumulation(man
         trainer(epochs=1).fit(LitSAM(copy.deepcopy(start), "imbsam", manual=False), data())
     with pytest.raises(ValueError, match="accumulate_grad_batches=2 in automatic optimisation"):
         trainer(epochs=1, accumulate_grad_batches=2).fit(LitSAM(copy.deepcopy(start), "sam", manual=False), data())
+    with pytest.raises(ValueError, match="gradient_clip_algorithm='value' in automatic optimisation"):
+        trainer(epochs=1, gradient_clip_val=0.1, gradient_clip_algorithm="value").fit(
+            LitSAM(copy.deepcopy(start), "sam", manual=False), data())
 
 
 def test_a_grad_scaler_precision_is_refused(manual_runs):

@@ -11,7 +11,8 @@ back-propagates one scalar loss; they need per-sample losses and targets: use ma
 ``precision="16-mixed"`` (Lightning's GradScaler path runs the closure
 once itself, then steps the optimizer without it, so the pass at w + eps cannot run; use ``"bf16-mixed"``), and
 ``accumulate_grad_batches > 1`` in automatic optimisation (Lightning steps with the last micro-batch's closure
-only; use manual optimisation and ``micro_batches=N`` on the whole batch).
+only; use manual optimisation and ``micro_batches=N`` on the whole batch), and clipping by value in automatic
+optimisation (Lightning clips after each closure call: by value, the perturbation would turn).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ class SAMCallback(Callback):
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches} in automatic optimisation: Lightning "
                 "steps with the last micro-batch's closure only, so the SAM step would drop the others; use manual "
                 "optimisation and opt.step(closure, targets=y, micro_batches=N) on the whole batch")
+        if pl_module.automatic_optimization and trainer.gradient_clip_val and \
+                trainer.gradient_clip_algorithm == "value":
+            raise ValueError(
+                "gradient_clip_algorithm='value' in automatic optimisation: Lightning clips after each closure call, "
+                "and clipping the gradient at w by value turns the perturbation's direction; clip by norm (the "
+                "default: it clips the update and leaves the direction as it is)")
         for opt in optimizers:
             if opt._model is None:
                 opt.attach(pl_module)
