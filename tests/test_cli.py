@@ -7,10 +7,10 @@ import argparse
 import configparser
 import re
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 from ltsam.data.shards import records_from_arrays, write_shards
@@ -88,7 +88,7 @@ def test_help_and_flag_errors_without_torch(argv):
     code = (f"import sys; from ltsam_common.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'ltsam'))\n"
             "assert not heavy, heavy")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    processes.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_every_trainer_flag_has_help_and_default():

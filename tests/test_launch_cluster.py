@@ -4,15 +4,12 @@ recipe values stay one argument each, `launcher.env` names, and the batch / lr s
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import signal
-import socket
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 from launch_helpers import ENV, YAML, planned, srun_line
 
@@ -124,11 +121,11 @@ def test_hostile_values_stay_one_argument_each(tmp_path):
         assert expected in options
     script = tmp_path / "job.sbatch"
     script.write_text(text)
-    subprocess.run(["bash", "-n", str(script)], check=True)
+    processes.run(["bash", "-n", str(script)], check=True)
 
     env = {"PATH": f"{tools}:/usr/bin:/bin", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n[7-8]",
            "HOME": str(tmp_path / "home")}  # set, so an unquoted $HOME would show
-    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    run = processes.run(["bash", str(script)], env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
     assert f"srun-option --label={HOSTILE}" in run.stderr and "srun-option --cpus-per-task=64" in run.stderr
@@ -261,9 +258,7 @@ def test_requeue_when_the_runner_hides_exit_75(tmp_path, runner):
         (tools / name).write_text(text)
         (tools / name).chmod(0o755)
     child = tmp_path / "child.py"
-    with socket.socket() as probe:  # a free port for torchrun's rendezvous on this host
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = processes.free_port()  # for torchrun's rendezvous on this host
     common = ["~launcher.slurm.setup", "~program.module", f"program.script={json.dumps(str(child))}",
               f"launcher.slurm.port={port}",
               f"launcher.log_dir={json.dumps(str(tmp_path / 'logs'))}"]
@@ -283,13 +278,8 @@ def test_requeue_when_the_runner_hides_exit_75(tmp_path, runner):
     for body, requeued in ((CHILD_STOPPED_FOR_REQUEUE, True), ("import sys\nsys.exit(3)\n", False)):
         child.write_text(body)
         log.unlink(missing_ok=True)  # the marker of the first run stays: the script must clear it itself
-        job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-        try:
-            stderr = job.communicate(timeout=240)[1]
-        finally:
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)  # the whole job: shell, runner and child
+        job = processes.run(["bash", str(script)], env=env, cwd=tmp_path)  # its process group killed on a hang
+        stderr = job.stderr
         assert job.returncode == 1, stderr[-3000:]  # the runner's status, not the child's
         assert ("scontrol requeue 42" in (log.read_text() if log.exists() else "")) == requeued, stderr[-3000:]
         assert ("requeueing job 42" in stderr) == requeued
