@@ -276,7 +276,7 @@ def test_unwritable_output_folder_is_one_sentence(tmp_path):
         run(blocker / "out")
     text = str(info.value.code)
     assert text.startswith(f"ltsam train: cannot write the output folder '{blocker / 'out' / 'run'}' (Not a "
-                           "directory") and text.endswith("choose a writable --output"), text
+                           "directory") and text.endswith("choose a writable `--output DIR`"), text
 
 
 def test_plain_checkpoint_into_a_deepspeed_run_is_refused_with_the_way(tmp_path):
