@@ -564,10 +564,12 @@ class SAMFamily(OptimizerProtocol):
         split_at_w = split and not reuse_first and support.disjoint([bits for _, _, bits in at_w])
         if one_vjp_per_forward and not split and len(at_w) > 1:
             raise ValueError(
-                f"{type(self).__name__} on a compiled model with batch-coupled layers (BatchNorm): this step needs "
+                f"{type(self).__name__} on a compiled model whose passes forward the whole batch (batch-coupled "
+                "layers such as BatchNorm, or a closure without an index argument): this step needs "
                 f"{len(at_w)} gradients of one forward at w, which a compiled graph gives only once, and a repeated "
                 "compiled forward with BatchNorm was not exact in ltsam's checks; train this model uncompiled "
-                "(drop --torchcompile), or compile a model without BatchNorm (LayerNorm/GroupNorm, ViTs)"
+                "(drop --torchcompile), or compile a model without BatchNorm (LayerNorm/GroupNorm, ViTs) and give "
+                "the closure an index argument"
             )
 
         passes = []
