@@ -19,8 +19,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ltsam.finetune.modules import Bottleneck, TunedBlock, add_scale_shift, prompt_init_bound
+from ltsam_common.names import FINETUNE_MODES
 
-MODES = ("full", "classifier", "bias", "ln", "vpt-shallow", "vpt-deep", "adapter", "adaptformer", "lora", "ssf")
+MODES = FINETUNE_MODES
 BLOCK_MODES = ("vpt-shallow", "vpt-deep", "adapter", "adaptformer", "lora", "ssf")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 from ltsam_common import yamlio
-from ltsam_common.names import LOSSES, SAM_METHODS
+from ltsam_common.names import FINETUNE_MODES, LOSSES, SAM_METHODS
 from ltsam_common.names import SAMPLERS as DATA_SAMPLERS
 from ltsam_launch.scale import default_lr_scale, scale_lr
 
@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default=None, help="timm model name (default: per data set)")
-    group.add_argument("--pretrained", action="store_true")
+    group.add_argument("--pretrained", action="store_true", help="start from the model's pretrained weights (hub)")
+    group.add_argument("--pretrained-path", default=None, metavar="FILE",
+                       help="the pretrained weights from this local file (timm's pretrained_cfg_overlay file=...); "
+                            "implies --pretrained")
     group.add_argument("--num-classes", type=int, default=None)
     group.add_argument("--in-chans", type=int, default=None)
     group.add_argument("--img-size", type=int, default=None)
@@ -93,6 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--grad-accum-steps", type=int, default=1,
                        help="optimizer step every N loader batches: the update of one batch N x --batch-size")
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None)
+
+    group = parser.add_argument_group("Fine-tuning (ltsam.finetune; the tuner enters the last --finetune-blocks "
+                                      "blocks of a timm ViT)")
+    group.add_argument("--finetune", default="full", choices=FINETUNE_MODES,
+                       help="which parameters train: all (full), the classifier only, biases (BitFit), LayerNorms, "
+                            "or a tuner + the classifier (VPT, Adapter, AdaptFormer, LoRA via peft, SSF)")
+    group.add_argument("--finetune-blocks", type=int, default=None, help="tune the last N blocks (default: all)")
+    group.add_argument("--bottleneck", type=int, default=None,
+                       help="Adapter / AdaptFormer width (default LIFT's 2**floor(log2(classes / (2 * blocks))))")
+    group.add_argument("--prompt-length", type=int, default=10, help="VPT prompt tokens")
+    group.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: as --bottleneck)")
+    group.add_argument("--lora-mlp", action="store_true", help="LoRA also on the MLP Linears (not only attn qkv)")
+    group.add_argument("--classifier", default="linear", choices=("linear", "cosine"),
+                       help="cosine: scale * cosine(feature, class weight), bias-free (LIFT's head)")
+    group.add_argument("--classifier-scale", type=float, default=25.0, help="scale of the cosine classifier")
+    group.add_argument("--text-init", action="store_true",
+                       help="initialise the cosine classifier from CLIP text features of --prompt-template per class "
+                            "name (open_clip; cached in --text-cache)")
+    group.add_argument("--class-names", default=None, metavar="FILE",
+                       help="one class name per line in label order (default: the data set's class names)")
+    group.add_argument("--clip-model", default="ViT-B-16", help="open_clip model of the text tower")
+    group.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag (or a local file)")
+    group.add_argument("--prompt-template", default="a photo of a {}.")
+    group.add_argument("--text-cache", default=None, metavar="FILE",
+                       help="text-feature cache (default: text_features.pt in the run folder); reused when present")
 
     group = parser.add_argument_group("Optimizer")
     group.add_argument("--opt", default="sgd",
@@ -232,6 +260,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--resume-override applies to a resumed run: add --resume")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other: resume continues the folder's run")
+    if args.text_init and args.classifier != "cosine":
+        parser.error("--text-init initialises the cosine classifier: add --classifier cosine")
     if args.few_shot > args.many_shot:
         parser.error(f"--few-shot ({args.few_shot}) must not exceed --many-shot ({args.many_shot})")
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from timm.models import create_model
 from timm.optim import create_optimizer_v2, get_optimizer_class, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, distribute_bn, random_seed, update_summary
@@ -35,6 +34,7 @@ from ltsam.train import preempt
 from ltsam.train import resume as resume_point
 from ltsam.train.checkpoint import LAST, Saver, TrainState, existing_checkpoints, load_training_state, write_checkpoint
 from ltsam.train.loop import NonFiniteLoss, StepContext, evaluate, progress_bar, train_one_epoch, updates_per_epoch
+from ltsam.train.model import build_model
 
 SUMMARY, RESULTS, PLOT, ARGS = "summary.csv", "results.json", "per_class.png", "args.yaml"
 
@@ -205,11 +205,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     if resume is not None:
         resume_point.check_config(resume, args)  # before anything is built: a mixed run is refused early
 
-    model_kwargs = dict(args.model_kwargs)
-    if args.drop is not None:
-        model_kwargs["drop_rate"] = args.drop
-    model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-                         in_chans=args.in_chans, **model_kwargs)
+    model, trainable = build_model(args, getattr(train_set, "classes", ()), out, primary, dist_utils.barrier)
     model = dist_utils.sync_batchnorm(model, device) if args.sync_bn else model
     model = model.to(device)
     data_config, train_set.transform, val_set.transform = train_data.build_transforms(args, model)
@@ -259,7 +255,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     if primary:
         trim_summary(str(out / SUMMARY), state.epoch)
         cli_args.save_args(args, out / ARGS)
-        console.print(f"ltsam train: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params) "
+        console.print(f"ltsam train: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+                      f"--finetune {args.finetune}: {sum(p.numel() for p in trainable):,} trainable) "
                       f"on {args.dataset} ({len(train_set)} train / {len(val_set)} eval images, {args.num_classes} "
                       f"classes), --opt {args.opt}, {args.world_size} process(es) on {device}, input "
                       f"{data_config['input_size']}; output '{out}'")
