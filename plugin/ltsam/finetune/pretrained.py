@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,9 +61,15 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_path: str | 
     if not pretrained:
         return create_model(name, **kwargs)
     source = f"--pretrained-path '{pretrained_path}'" if pretrained_path else "the pretrained weights"
+    return checked_load(create_model, name, source, name, pretrained=True, **kwargs)
+
+
+def checked_load(create: Callable[..., nn.Module], name: str, source: str, *args, **kwargs) -> nn.Module:
+    """``create(*args, **kwargs)`` (timm's ``create_model`` or train.py's), refusing pretrained weights that
+    leave a non-classifier weight of model ``name`` unset; ``source`` names the weights in the error."""
     with _missing_keys() as missing:
         try:
-            model = create_model(name, pretrained=True, **kwargs)
+            model = create(*args, **kwargs)
         except RuntimeError as err:  # strict load (same classes) or a stem that cannot be adapted
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             detail = (lines[1] if len(lines) > 1 else lines[0])[:200] if lines else type(err).__name__
