@@ -3,6 +3,8 @@ train`` with pretrained weights, a fine-tuning mode and the text-initialised hea
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
@@ -88,6 +90,38 @@ def test_cosine_head_replaces_the_linear_one():
                               torch.randn(10, 16))
 
 
+def test_tte_averages_the_logits_of_five_or_ten_crops():
+    from PIL import Image
+
+    from ltsam.train.loop import evaluate
+    from ltsam.tte import tte_transform
+
+    config = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}  # resized to 18: centre symmetric
+    image = Image.fromarray(torch.randint(0, 255, (20, 20, 3), dtype=torch.uint8).numpy())
+    five, ten = tte_transform(config, "five")(image), tte_transform(config, "ten")(image)
+    assert five.shape == (5, 3, 16, 16) and ten.shape == (10, 3, 16, 16)
+    # TenCrop: the five crops of the mirror image (its top-left is the mirrored top-right, ...)
+    torch.testing.assert_close(ten[5:], five[[1, 0, 3, 2, 4]].flip(-1))
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **{**VIT, "img_size": 16}).eval()
+    recorded = []
+
+    class Meter:
+        def reset(self):
+            recorded.clear()
+
+        def update(self, logits, y):
+            recorded.append(logits)
+
+        def compute(self):
+            return {}
+
+    batch = torch.stack([five, five.flip(0)])
+    evaluate(model, [(batch, torch.zeros(2))], Meter(), False, __import__("contextlib").nullcontext, "cpu")
+    with torch.no_grad():
+        expected = model(five).mean(0)
+    torch.testing.assert_close(recorded[0], torch.stack([expected, expected]))
+
+
 def test_weights_file_of_another_model_is_refused_by_name(tmp_path):
     path = tmp_path / "vit.pth"
     torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=10, **VIT).state_dict(), path)
@@ -111,9 +145,10 @@ def test_train_finetunes_with_text_head_and_refuses_another_mode_on_resume(tmp_p
              "--pretrained-path", str(tmp_path / "vit.pth"), "--finetune", "adaptformer", "--bottleneck", "2",
              "--classifier", "cosine", "--text-init", "--class-names", str(tmp_path / "names.txt"),
              "--text-cache", str(tmp_path / "text.pt"), "--opt", "focalsam", "--loss", "la"]
-    assert train_main(flags) == 0
+    assert train_main([*flags, "--tte", "ten"]) == 0
     # 10 x 32 cosine weights + 2 blocks x (LN 64 + down 66 + up 96 + scale 1)
     assert "--finetune adaptformer: 774 trainable" in capsys.readouterr().err
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["tte"] == "ten"
     state = torch.load(tmp_path / "ft" / "last.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
     for name, weight in backbone.state_dict().items():
         if not name.startswith("head."):
@@ -121,7 +156,7 @@ def test_train_finetunes_with_text_head_and_refuses_another_mode_on_resume(tmp_p
     with pytest.raises(SystemExit, match="finetune: 'adaptformer' in the checkpoint, 'lora' now"):
         train_main([*flags[:-8], "--finetune", "lora", "--classifier", "cosine", "--text-init", "--class-names",
                     str(tmp_path / "names.txt"), "--text-cache", str(tmp_path / "text.pt"), "--opt", "focalsam",
-                    "--loss", "la", "--resume", "auto"])
+                    "--loss", "la", "--resume", "auto", "--tte", "five"])
     with pytest.raises(SystemExit, match="--finetune vpt-deep does not fit model 'lt_cnn_small'"):
         train_main(["--n-max", "30", "--epochs", "1", "--output", str(tmp_path), "--experiment", "cnn",
                     "--finetune", "vpt-deep"])

@@ -32,6 +32,7 @@ FALLBACK_DEFAULTS = dict(model="resnet50", epochs=100, batch_size=128, lr=None, 
                          train_aug="timm", weight_decay=2e-5, img_size=None, in_chans=3)
 
 SAMPLERS = ("none", *DATA_SAMPLERS)
+TTE_CROPS = ("five", "ten")  # ltsam.tte.TTE_CROPS (no torch here)
 RHO_SCHEDULES = ("none", "step", "multistep", "cosine")  # ltsam.optim.radius.SCHEDULES (no torch here)
 # which parameters --weight-decay decays: timm's grouping, or every parameter as the official SAM-family code
 WD_PROFILES = ("timm", "official")
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("Evaluation and output")
     group.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and at the end)")
     group.add_argument("--tta", action="store_true", help="average logits over the image and its mirror image")
+    group.add_argument("--tte", default="none", choices=("none", *TTE_CROPS),
+                       help="test-time ensembling of the final evaluation (LIFT): resize by 248/224 and average the "
+                            "logits of five crops (ten: and their mirror images)")
     group.add_argument("--many-shot", type=int, default=100, help="Many: train count above this")
     group.add_argument("--few-shot", type=int, default=20, help="Few: train count below this")
     group.add_argument("--output", default="./output/train")

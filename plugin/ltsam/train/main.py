@@ -35,6 +35,7 @@ from ltsam.train import resume as resume_point
 from ltsam.train.checkpoint import LAST, Saver, TrainState, existing_checkpoints, load_training_state, write_checkpoint
 from ltsam.train.loop import NonFiniteLoss, StepContext, evaluate, progress_bar, train_one_epoch, updates_per_epoch
 from ltsam.train.model import build_model
+from ltsam.tte import tte_transform
 
 SUMMARY, RESULTS, PLOT, ARGS = "summary.csv", "results.json", "per_class.png", "args.yaml"
 
@@ -316,8 +317,11 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
 
     if report is None:  # resumed a finished run: nothing trained, evaluate what was loaded
         report = evaluate(model, val_loader, meter, False, autocast, device)
-    if args.tta:
-        report = evaluate(model, val_loader, meter, True, autocast, device)
+    if args.tta or args.tte != "none":
+        if args.tte != "none":
+            val_set.transform = tte_transform(data_config, args.tte)
+            val_loader = train_data.eval_loader(args, val_set, args.rank, args.world_size, device.type == "cuda")
+        report = evaluate(model, val_loader, meter, args.tta, autocast, device)
     skipped = train_data.skipped_samples(train_loader.dataset, val_loader.dataset, gather=dist_utils.all_gather)
     if primary:
         report = dict(report, **skipped)
@@ -336,12 +340,12 @@ def finish(args: argparse.Namespace, out: Path, report: dict, state: TrainState,
     ``wall_s`` counts every attempt of a resumed run (``attempt_s`` only this one)."""
     wall = earlier_s + attempt_s
     report = dict(report, model=args.model, dataset=args.dataset, opt=args.opt, loss=args.loss, tta=args.tta,
-                  epochs_done=state.epoch, epochs=num_epochs, updates=state.num_updates, wall_s=round(wall, 2),
-                  attempt_s=round(attempt_s, 2))
+                  tte=args.tte, epochs_done=state.epoch, epochs=num_epochs, updates=state.num_updates,
+                  wall_s=round(wall, 2), attempt_s=round(attempt_s, 2))
     save_report(report, out / RESULTS)
     plot_per_class(report, out / PLOT, title=f"{args.model} / {args.opt} on {args.dataset}")
     title = f"{args.dataset}: {state.epoch}/{num_epochs} epochs{' (stopped)' if stop < num_epochs else ''}" \
-            f"{', flip TTA' if args.tta else ''} - accuracy (%)"
+            f"{', flip TTA' if args.tta else ''}{f', {args.tte}-crop TTE' if args.tte != 'none' else ''} - accuracy (%)"
     console.print(results_table({args.opt: report}, title=title))
     resumed = f" ({attempt_s:.1f} s in this attempt)" if earlier_s else ""
     console.print(f"done in {wall:.1f} s{resumed}; results in '{out}'")
