@@ -22,9 +22,14 @@ def finetune_options(args: argparse.Namespace) -> FinetuneOptions:
 
 
 def class_names_for(args: argparse.Namespace, dataset_names: Sequence[str]) -> list[str]:
-    """``--class-names`` or the data set's names; label numbers are no names for a text prompt."""
+    """``--class-names``, open_clip's ImageNet names for ImageNet-LT, or the data set's names; label numbers are
+    no names for a text prompt."""
     if args.class_names:
         return read_class_names(args.class_names, args.num_classes)
+    if args.dataset == "imagenet-lt" and args.num_classes == 1000:  # its folders are WordNet ids, sorted
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return list(IMAGENET_CLASSNAMES)
     names = list(dataset_names)
     if len(names) != args.num_classes or all(n.isdigit() for n in names):
         raise SystemExit(f"ltsam train: --text-init needs class names, and --dataset {args.dataset} names its "
