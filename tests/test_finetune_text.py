@@ -10,7 +10,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
+from test_eval import export_digits
 
+from ltsam.cli import main as ltsam_cli
 from ltsam.finetune.pretrained import PretrainedError, create_backbone
 from ltsam.finetune.text import (
     CosineClassifier,
@@ -148,7 +150,13 @@ def test_train_finetunes_with_text_head_and_refuses_another_mode_on_resume(tmp_p
     assert train_main([*flags, "--tte", "ten"]) == 0
     # 10 x 32 cosine weights + 2 blocks x (LN 64 + down 66 + up 96 + scale 1)
     assert "--finetune adaptformer: 774 trainable" in capsys.readouterr().err
-    assert json.loads((tmp_path / "ft" / "results.json").read_text())["tte"] == "ten"
+    trained = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert trained["tte"] == "ten"
+    export_digits(tmp_path / "test")  # ltsam eval rebuilds tuner and cosine head from the checkpoint alone
+    assert ltsam_cli(["eval", str(tmp_path / "ft" / "last.pth.tar"), "--set", f"test=folder:{tmp_path / 'test'}",
+                      "--tte", "ten", "--workers", "0"]) == 0
+    assert json.loads((tmp_path / "ft" / "eval" / "results.json").read_text())["sets"]["test"]["top1"] == \
+        trained["top1"]
     state = torch.load(tmp_path / "ft" / "last.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
     for name, weight in backbone.state_dict().items():
         if not name.startswith("head."):

@@ -1,4 +1,5 @@
-"""The ``ltsam`` console script: ``ltsam train ...`` (more sub-commands can join ``COMMANDS``)."""
+"""The ``ltsam`` console script: ``ltsam train ...``, ``ltsam eval ...`` (more sub-commands can join
+``COMMANDS``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,15 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from ltsam.evaluate import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a model on a long-tailed data set (ltsam train --help)"),
+    "eval": (_eval, "evaluate a checkpoint on long-tailed and out-of-distribution sets (ltsam eval --help)"),
 }
 
 
