@@ -85,6 +85,7 @@ def test_trainable_counts_per_mode():
     for mode, count in expected.items():
         _, trainable = prepared(mode, bottleneck=1, lora_rank=1)
         assert sum(p.numel() for p in trainable) == count, mode
+        assert all(p.dim() >= 1 for p in trainable), f"{mode}: DeepSpeed's broadcast refuses 0-d parameters"
 
 
 def test_partial_blocks_and_prompt_tokens_skip_pooling():

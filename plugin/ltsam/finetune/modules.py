@@ -29,7 +29,7 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.scale = nn.Parameter(torch.ones(())) if scaled else None
+        self.scale = nn.Parameter(torch.ones(1)) if scaled else None  # 1-d: DeepSpeed broadcasts bytes of it
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.up(torch.relu(self.down(self.ln(x))))
