@@ -47,6 +47,7 @@ def test_eval_reproduces_the_training_report_on_every_kind_of_set(tmp_path, caps
         assert (report["top1"], report["many"], report["few"]) == (trained["top1"], trained["many"], trained["few"])
     assert results["corruptions"]["c"]["mean_top1"] == trained["top1"]
     assert (tmp_path / "run" / "eval" / "per_class_folder.png").is_file()
+    assert (tmp_path / "run" / "eval" / "severity_c.png").is_file()
     out = capsys.readouterr().out
     assert "c: top-1 (%) by corruption and severity" in out and "noise" in out
 

@@ -210,6 +210,7 @@ def run(options: argparse.Namespace, sets: list[tuple[str, str, Path]], console:
     console.print(results_table(reports, title=f"{checkpoint}{ensembled}: accuracy (%)"))
     for name, result in summary.get("corruptions", {}).items():
         console.print(corruption_table(name, result))
+        plot_severities(name, result, out / f"severity_{name}.png")
     console.print(f"results in '{out / 'results.json'}'")
     return summary
 
@@ -225,3 +226,25 @@ def corruption_table(name: str, result: dict) -> Table:
         table.add_row(corruption, *[f"{100 * by[s]:.2f}" if s in by else "-" for s in severities],
                       f"{100 * result['by_corruption'][corruption]:.2f}")
     return table
+
+
+def plot_severities(name: str, result: dict, path: Path) -> Path:
+    """Top-1 against severity, one line per corruption: how fast each corruption takes accuracy away."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for corruption, by in result["by_severity"].items():
+        severities = sorted(by)
+        ax.plot(severities, [100 * by[s] for s in severities], marker="o", label=corruption)
+    ax.set_xlabel("severity")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{name}: mean top-1 {100 * result['mean_top1']:.2f}%")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
