@@ -9,21 +9,26 @@ import torch
 import torch.distributed as dist
 from conftest import CLASS_COUNTS, batches, conv_bn_net, conv_gn_net
 from test_optim_exact import closure_for
+from test_optim_property import vit
 
 import ltsam  # noqa: F401
 from ltsam.optim.batchnorm import StatsRecorder
 
 
 def train(name: str, kwargs: dict, rank: int = 0, world: int = 1, micro_batches: int = 1,
-          tail_in_first_half: bool = False) -> torch.nn.Module:
+          tail_in_first_half: bool = False, one_tail_vit: bool = False) -> torch.nn.Module:
     """``tail_in_first_half``: the second half of every batch holds head classes only, so with 2 ranks the
-    tail's passes run on rank 0 alone."""
+    tail's passes run on rank 0 alone. ``one_tail_vit``: a timm ViT, and each batch's only tail sample sits in
+    the second half, so rank 1 forwards it alone in its tail passes (and rank 0 has none)."""
     torch.manual_seed(0)
-    model = conv_gn_net()
+    model = vit() if one_tail_vit else conv_gn_net()
     opt = timm.optim.create_optimizer_v2(model, opt=name, lr=0.05, weight_decay=5e-4, **kwargs).attach(model)
     for x, y in batches(4):
         if tail_in_first_half:
             y = torch.cat([y[: len(y) // 2], y[len(y) // 2:] % 6])
+        if one_tail_vit:
+            y = y % 6
+            y[11] = 9
         share = len(y) // world
         xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
         opt.step(closure_for(model, xs, ys), targets=ys, micro_batches=micro_batches)
@@ -71,6 +76,9 @@ if __name__ == "__main__":
     model = train("ssesam", METHODS["ssesam"], dist.get_rank(), dist.get_world_size(), micro_batches=2,
                   tail_in_first_half=True)
     out["ssesam micro_batches=2, tail on rank 0 only"] = [p.detach() for p in model.parameters()]
+    for name, kwargs in METHODS.items():
+        model = train(name, kwargs, dist.get_rank(), dist.get_world_size(), micro_batches=2, one_tail_vit=True)
+        out[f"{name} ViT, one tail sample alone on rank 1"] = [p.detach() for p in model.parameters()]
     out["syncbn"] = syncbn_replay(dist.get_rank())
     out["subset with syncbn"] = subset_forward_with_syncbn()
     if dist.get_rank() == 0:

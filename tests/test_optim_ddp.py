@@ -1,5 +1,6 @@
 """Two gloo processes with half batches each give the same update as one process with the whole batch (also
-with micro-batches, also when one rank has no tail sample), and SyncBatchNorm's replay uses the statistics of both."""
+with micro-batches, also when one rank has no tail sample, also on a ViT whose only tail sample a rank forwards
+alone), and SyncBatchNorm's replay uses the statistics of both."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def test_two_processes_equal_one(tmp_path):
     runs = [(name, train(name, kwargs)) for name, kwargs in METHODS.items()]
     runs.append(("ssesam micro_batches=2, tail on rank 0 only", train("ssesam", METHODS["ssesam"],
                                                                       tail_in_first_half=True)))
+    runs += [(f"{name} ViT, one tail sample alone on rank 1", train(name, kwargs, one_tail_vit=True))
+             for name, kwargs in METHODS.items()]
     for name, single in runs:
         for a, b in zip(single.parameters(), distributed[name]):
             assert torch.allclose(a.detach(), b, atol=1e-6), f"{name}: {(a - b).abs().max()}"

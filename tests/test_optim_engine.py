@@ -187,7 +187,7 @@ class BucketSAM(ClassAware):
         self.bucket_of = [sum(count >= edge for edge in edges) for count in self.class_counts]
 
     def groups(self, targets, batch_size, device):
-        bucket = self._class_table(self.bucket_of, targets)
+        bucket = self.class_table(self.bucket_of, targets)
         return [Group(None, (bucket == i).float() / batch_size, f"rho{i}") for i in range(len(self.radius_names))]
 
 

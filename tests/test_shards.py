@@ -20,6 +20,7 @@ from ltsam.data.files import read_image_folder
 from ltsam.data.integrity import sample_digest
 from ltsam.data.lt import LTArrayDataset, lt_profile
 from ltsam.data.shards import class_bucket, records_from_arrays, records_from_samples, verify, write_shards
+from ltsam.data.stream import ShardLayout
 
 # a long tail over 10 classes (imbalance 50): 556 samples
 LT_COUNTS = [int(200 * 0.02 ** (i / 9)) for i in range(10)]
@@ -232,3 +233,16 @@ def test_verify_reports_tampered_and_missing_shards(tmp_path):
     assert any("label counts differ" in p for p in problems)
     (tmp_path / entry["filenames"][0]).unlink()
     assert any("missing" in p for p in verify(tmp_path, "train"))
+
+
+def test_rerunning_write_rewrites_only_a_damaged_shard(tmp_path, monkeypatch):
+    entry = write_lt(tmp_path)
+    victim = tmp_path / entry["filenames"][2]
+    victim.write_bytes(victim.read_bytes()[:-2000])
+    with pytest.raises(ValueError, match=rf"1 of {len(entry['filenames'])} shards .* damaged .*: {victim.name}: "):
+        ShardLayout.load(tmp_path)
+    real, rewritten = shards._write_shard, []
+    monkeypatch.setattr(shards, "_write_shard", lambda task: rewritten.append(task.path) or real(task))
+    assert write_lt(tmp_path) == entry
+    assert rewritten == [str(victim)] and verify(tmp_path) == []
+    ShardLayout.load(tmp_path)

@@ -18,7 +18,7 @@ from ltsam.data import stream
 from ltsam.data.balance import class_probabilities
 from ltsam.data.samplers import ClassAwareSampler
 from ltsam.data.shards import records_from_arrays, write_shards
-from ltsam.data.stream import ClassAwareReaderWds, ShardLayout, StreamingDataset, mixing_plan
+from ltsam.data.stream import ClassAwareReaderWds, ClassAwareSource, ShardLayout, StreamingDataset, mixing_plan
 from ltsam.data.wids_access import ShardIndexDataset
 
 TV_TOLERANCE = 0.05  # total variation between realised and target class shares
@@ -179,7 +179,7 @@ def test_writer_refuses_bytes_that_are_no_image(tmp_path):
     images, labels = lt_arrays()
     records = records_from_arrays(images, labels)
     records[5] = (records[5][0], b"\xff\xd8\xff not a jpeg", records[5][2])
-    with pytest.raises(ValueError, match="record '0000005': the bytes are not a readable image"):
+    with pytest.raises(ValueError, match=r"record '0000005' is not a readable image \(not a recognised image format\)"):
         write_shards(records, tmp_path, maxcount=40, show_progress=False)
 
 
@@ -244,3 +244,27 @@ def test_timm_reader_class_aware(lt_root):
         assert len(labels) == len(ds)
         if tolerance:
             assert total_variation(labels, class_probabilities(LT_COUNTS, mode)) < tolerance
+
+
+def test_progressive_start_offsets_cost_one_plan_per_epoch_and_match_the_full_sum(lt_root, monkeypatch):
+    readers, epochs = 4, 30
+    source = ClassAwareSource(ShardLayout.load(lt_root), "progressive", num_epochs=epochs)
+
+    def summed_again(epoch: int) -> dict[int, float]:  # the former computation: every earlier epoch's plan
+        past = dict.fromkeys(source.layout.bucket_sizes(), 0.0)
+        for earlier in range(epoch):
+            for b, length in source.bucket_reads(earlier, readers).items():
+                past[b] += length
+        return past
+
+    expected = {epoch: summed_again(epoch) for epoch in (0, 1, 7, 29, 33)}
+    fresh_starts = ClassAwareSource(source.layout, "progressive", num_epochs=epochs).bucket_starts(33, 1, readers)
+    real, plans = source.bucket_reads, []
+    monkeypatch.setattr(source, "bucket_reads", lambda epoch, n: plans.append(epoch) or real(epoch, n))
+    for epoch in range(34):
+        before = len(plans)
+        starts = source.bucket_starts(epoch, 1, readers)
+        assert len(plans) - before <= 2  # this epoch's plan and the one added to the running sum
+        if epoch in expected:
+            assert source.past_reads(epoch, readers) == expected[epoch]  # bit for bit
+    assert starts == fresh_starts

@@ -186,6 +186,37 @@ def test_accumulated_micro_batches_equal_whole_batches(train_module, method):
     assert accum["loss"] == pytest.approx(whole["loss"], rel=1e-5)
 
 
+@needs_train_py
+@pytest.mark.parametrize("method", ["imbsam", "ssesam"])
+def test_test_vit_batches_of_8_with_one_tail_sample_step_as_the_official_code(train_module, method):
+    """train.py --model test_vit -b 8: each batch holds exactly one tail sample (a one-sample pass through the
+    cls token and position embedding); train.py's own epoch equals the official step, batch by batch."""
+    import official
+
+    torch.manual_seed(0)
+    hooked = timm.create_model("test_vit", num_classes=10, img_size=32)
+    ref = copy.deepcopy(hooked)
+    gen = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(3):
+        y = torch.randint(0, 6, (8,), generator=gen)
+        y[int(torch.randint(0, 8, (1,), generator=gen))] = 9  # one tail sample, anywhere in the batch
+        data.append((torch.randn(8, 3, 32, 32, generator=gen), y))
+    options = {"imbsam": dict(rho=0.1), "ssesam": dict(head_rho=0.05, tail_rho=0.1, gamma=0.5, epochs=2)}[method]
+    opt = timm.optim.create_optimizer_v2(hooked, opt=method, lr=0.05, momentum=0.9, base="momentum", eta=20,
+                                         class_counts=CLASS_COUNTS, **options)
+    train_module.train_one_epoch(**_epoch_kwargs(train_module, hooked, opt, data, nn.CrossEntropyLoss()))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    tail = torch.tensor([6, 7, 8, 9])
+    for x, y in data:
+        if method == "imbsam":
+            official.imbsam_step(ref, ref_opt, x, y, tail, rho=0.1)
+        else:
+            official.ssesam_step(ref, ref_opt, x, y, tail, head_rho=0.05, tail_rho=0.1)
+    for (name, a), b in zip(hooked.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 REFUSALS = [
     ({"args": {"mixup": 0.8}}, "--mixup/--cutmix"),
     ({"args": {"cutmix": 1.0}}, "--mixup/--cutmix"),

@@ -148,3 +148,19 @@ def test_console_script_dispatches_and_suggests(capsys):
     with pytest.raises(SystemExit) as info:
         ltsam_cli(["train", "--help"])
     assert info.value.code == 0 and "--opt-kwargs" in capsys.readouterr().out
+
+
+def test_torchcompile_trains_sam_as_the_eager_run_and_refuses_imbsam_with_batchnorm(tmp_path):
+    """--torchcompile: the engine takes one gradient per compiled forward (aot_eager: AOTAutograd's graphs, eager
+    kernels, so the weights equal the eager run's); ImbSAM needs two gradients of one forward on this BatchNorm
+    net, which is refused naming the flag."""
+    torch._dynamo.reset()
+    assert run(tmp_path, "--opt", "sam", "--epochs", "1", experiment="eager") == 0
+    assert run(tmp_path, "--opt", "sam", "--epochs", "1", "--torchcompile", "aot_eager", experiment="compiled") == 0
+    eager, compiled = load(tmp_path, "eager")["state_dict"], load(tmp_path, "compiled")["state_dict"]
+    assert eager.keys() == compiled.keys()
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="ImbSAM on a compiled model with batch-coupled layers.*--torchcompile"):
+        run(tmp_path, "--opt", "imbsam", "--eta", "20", "--epochs", "1", "--torchcompile", "aot_eager",
+            experiment="refused")

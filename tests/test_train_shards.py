@@ -119,26 +119,30 @@ def test_trainer_reports_skips_in_results_and_stops_on_a_truncated_shard(digits_
         rewrite_member(root / name, key, "png", flip_byte)
     assert run(root, tmp_path, "--dataset", dataset, "--epochs", "1", "--opt", "sgd") == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["skipped_samples"] > 0 and set(results["skipped_by_shard"]) == {name}
+    bad = len(keys[::2])
+    assert 0 < results["skipped_samples"] <= bad and results["skipped_by_shard"] == {name: results["skipped_samples"]}
+    assert results["skip_events"] >= results["skipped_samples"]
     (root / name).write_bytes((root / name).read_bytes()[:3000])
-    with pytest.raises(RuntimeError, match=name):
+    with pytest.raises(SystemExit, match=rf"{name}: 3000 bytes, written as \d+"):  # before the first batch
         run(root, tmp_path, "--dataset", dataset, "--epochs", "1", "--opt", "sgd", experiment="truncated")
 
 
-def test_skip_counts_in_results_are_summed_over_ranks():
-    """results.json counts every rank's skips, not only rank 0's: each rank's counts per shard, gathered, add up."""
+def test_skip_counts_in_results_count_each_bad_sample_once_over_ranks():
+    """results.json unites every rank's bad samples (not only rank 0's): a sample two ranks skipped counts once,
+    every rank reports the same totals, and the skip events add up."""
 
     class Reader:
-        def __init__(self, counts: dict[str, int]) -> None:
-            self.counts = counts
+        def __init__(self, bad: dict[str, list[int]], events: int) -> None:
+            self.bad, self.skip_events = bad, events
 
-        def skipped_by_shard(self) -> dict[str, int]:
-            return dict(self.counts)
+        def bad_samples(self) -> dict[str, list[int]]:
+            return self.bad
 
-    train, val = Reader({"a.tar": 2}), Reader({"b.tar": 1})
-    other_rank = {"a.tar": 3, "c.tar": 4}
+    train, val = Reader({"a.tar": [0, 3]}, 5), Reader({"b.tar": [1]}, 1)
+    other_rank = {"bad": {"a.tar": {3, 7}, "c.tar": {0, 1, 2, 4}}, "events": 9}
     gathered = train_data.skipped_samples(train, val, gather=lambda local: [local, other_rank])
-    assert gathered == {"skipped_samples": 10, "skipped_by_shard": {"a.tar": 5, "b.tar": 1, "c.tar": 4}}
+    assert gathered == {"skipped_samples": 8, "skipped_by_shard": {"a.tar": 3, "b.tar": 1, "c.tar": 4},
+                        "skip_events": 15}
     assert train_data.skipped_samples(train, val) == {"skipped_samples": 3,
-                                                      "skipped_by_shard": {"a.tar": 2, "b.tar": 1}}
+                                                      "skipped_by_shard": {"a.tar": 2, "b.tar": 1}, "skip_events": 6}
     assert train_data.skipped_samples(object(), object(), gather=lambda local: [local, other_rank]) == {}

@@ -7,7 +7,7 @@ registry, so ``timm.optim.create_optimizer_v2(model, opt="ssesam", ...)`` works.
 import sys as _sys
 
 from ltsam import models as models  # registers the CIFAR / digits models in timm
-from ltsam.optim import register as _register_optimizers
+from ltsam.optim.registry import register_family as _register_optimizers
 from ltsam.trainpy import guard_train_py as _guard_train_py
 
 __version__ = "0.1.0"

@@ -1,9 +1,11 @@
 """Sample digests, a tolerant tar reader that can start at any sample, and the skip ledger of the readers.
 
 The writer records one digest per sample (key, every member's extension and bytes) and one SHA-256 per shard
-file; ``verify``, the stream and the ``wids`` reader recompute the sample digest of what they read, so a
-flipped byte, a changed label or a swapped payload is caught without decoding anything. What a reader skips
-is counted per shard in shared memory (loader workers are separate processes) and logged once per shard
+file, and the file's size in the ``wids`` index; ``verify``, the stream and the ``wids`` reader recompute the
+sample digest of what they read, so a flipped byte, a changed label or a swapped payload is caught without
+decoding anything, and a shard not of its written size is refused before anything is read
+(:func:`shard_damage`). The bad samples a reader skips are flagged per sample in shared memory (loader
+workers are separate processes), so each counts once however often it is met, and logged once per shard
 with the shard's name and the first key; a shard that holds fewer samples than its metadata is recorded and
 turned into an error naming it (``SkipLedger.raise_if_short``).
 
@@ -14,11 +16,18 @@ long names): ``tarfile`` spent 6x as much CPU per sample on fields nobody uses.
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import logging
 import multiprocessing
 import os
+import sys
 from collections.abc import Generator, Mapping, Sequence
+from pathlib import Path
 from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 _logger = logging.getLogger("ltsam.data")
 
@@ -126,23 +135,73 @@ def read_shard(path: str, start: int = 0) -> Generator[tuple[int, dict], None, i
     return position + 1
 
 
-class SkipLedger:
-    """Skipped samples per shard and shards found short, shared by the loader's worker processes.
+def count_samples(path: str | os.PathLike) -> int:
+    """Whole samples in a tar, from its headers alone (no data is read): what :func:`read_shard` would find."""
+    listing = read_shard(os.fspath(path), start=sys.maxsize)
+    try:
+        next(listing)
+    except StopIteration as end:
+        return max(0, end.value)
+    raise AssertionError("read_shard yielded a sample before its start")
 
-    ``skip`` counts a sample and logs the first one of each shard (name, key, reason); ``short`` records a
-    shard that ended early. Both live in shared memory created before the workers start, so the main process
-    reads the totals (``summary``) after an epoch.
+
+def shard_damage(path: Path, samples: int, filesize: int | None) -> str | None:
+    """What is wrong with a shard file before anything is read from it, or None.
+
+    Where the index records the size written, the file must have exactly that size (a stat: a cut anywhere is
+    found, even inside the last sample); shards of an older writer are listed by their headers instead and
+    must hold the samples the index says.
+    """
+    if filesize is not None:
+        size = path.stat().st_size
+        return None if size == filesize else f"{size} bytes, written as {filesize}"
+    found = count_samples(path)
+    return None if found == samples else f"{found} whole samples, the index says {samples}"
+
+
+def image_problem(data: bytes, decode: bool = True) -> str | None:
+    """What keeps ``data`` from being an image, or None: the header only, or (``decode``) every pixel, so a
+    file cut after its header is found (``ImageFile.LOAD_TRUNCATED_IMAGES`` is ignored here)."""
+    truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if decode:
+                img.draft("RGB", (1, 1))  # JPEG: decode the whole stream at a reduced scale (same checks)
+                img.load()
+    except UnidentifiedImageError:
+        return "not a recognised image format"
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+    return None
+
+
+class SkipLedger:
+    """Bad samples per shard and shards found short, shared by the loader's worker processes.
+
+    ``skip`` flags a sample (shard, position) as bad and counts the event; a sample read again (the wids
+    reader falls through to it again, a later epoch) is one bad sample however often it is skipped. The first
+    skip of each shard is logged (name, key, reason); ``short`` records a shard that ended early. Everything
+    lives in shared memory created before the workers start, so the main process reads the totals
+    (``summary``, ``bad_samples``) after an epoch.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], lengths: Sequence[int]) -> None:
         self.names = tuple(names)
-        self.skipped = multiprocessing.Array("q", len(self.names))
+        self.lengths = tuple(int(n) for n in lengths)
+        self.starts = tuple(itertools.accumulate(self.lengths, initial=0))
+        self.events = multiprocessing.Array("q", len(self.names))
+        self.bad = multiprocessing.Array("b", max(1, self.starts[-1]))  # one flag per sample of the index
         self.found = multiprocessing.Array("q", [-1] * len(self.names))  # samples found in a short shard
 
-    def skip(self, shard: int, key: str | None, reason: str) -> None:
-        with self.skipped.get_lock():
-            self.skipped[shard] += 1
-            first = self.skipped[shard] == 1
+    def skip(self, shard: int, position: int, key: str | None, reason: str) -> None:
+        with self.events.get_lock():
+            self.events[shard] += 1
+            first = self.events[shard] == 1
+        if 0 <= position < self.lengths[shard]:  # a sample beyond the index is counted as an event only
+            self.bad[self.starts[shard] + position] = 1
         if first:
             _logger.warning(
                 "%s: skipping sample %s: %s (further skips in this shard are counted, not logged)",
@@ -162,21 +221,36 @@ class SkipLedger:
     def short_shards(self) -> dict[str, int]:
         return {n: f for n, f in zip(self.names, self.found[:]) if f >= 0}
 
-    def raise_if_short(self, lengths: Sequence[int]) -> None:
+    def raise_if_short(self) -> None:
         """A shard shorter than its metadata means missing samples: an error naming each such shard."""
         short = self.short_shards()
         if short:
             index = {n: i for i, n in enumerate(self.names)}
-            listed = "; ".join(f"{n} holds {f} of {lengths[index[n]]} samples" for n, f in short.items())
+            listed = "; ".join(f"{n} holds {f} of {self.lengths[index[n]]} samples" for n, f in short.items())
             raise RuntimeError(
                 f"{len(short)} shard(s) shorter than their metadata: {listed}. The data changed after writing: "
                 "run `python -m ltsam.data.shards verify` and rewrite the damaged shards"
             )
 
+    def bad_samples(self) -> dict[str, list[int]]:
+        """Positions of the bad samples by shard name (shards without any left out)."""
+        flags = np.frombuffer(self.bad.get_obj(), dtype=np.int8)
+        return {
+            name: (np.flatnonzero(flags[start:stop]).tolist())
+            for name, start, stop in zip(self.names, self.starts, self.starts[1:])
+            if flags[start:stop].any()
+        }
+
     @property
     def total(self) -> int:
-        return int(sum(self.skipped[:]))
+        """Distinct bad samples."""
+        return int(np.frombuffer(self.bad.get_obj(), dtype=np.int8).sum(dtype=np.int64))
+
+    @property
+    def skip_events(self) -> int:
+        """Skips, a sample skipped twice counting twice."""
+        return int(sum(self.events[:]))
 
     def summary(self) -> dict[str, int]:
-        """Skipped samples by shard name (shards without skips left out)."""
-        return {n: int(c) for n, c in zip(self.names, self.skipped[:]) if c}
+        """Distinct bad samples by shard name (shards without any left out)."""
+        return {name: len(positions) for name, positions in self.bad_samples().items()}

@@ -8,8 +8,9 @@ A split written to ``out_dir`` consists of:
   shard its frequency bucket, class histogram, the digest of its sources (``shard_digests``, for resuming a
   write) and the SHA-256 of the file (``shard_sha256``), and the split's ``class_counts``;
 * ``{split}_class_counts.json``: per-class counts (:func:`ltsam.counts.save_class_counts`);
-* ``{split}_wids.json``: a ``wids`` index with each shard's labels and per-sample content digests
-  (:func:`ltsam.data.integrity.sample_digest`), which every reader checks;
+* ``{split}_wids.json``: a ``wids`` index with each shard's size (``filesize``), labels and per-sample
+  content digests (:func:`ltsam.data.integrity.sample_digest`), which every reader checks (``digest`` adds
+  them to a set an older writer left without);
 * ``{split}_by_class.npz``: per class, the indices of its samples (``order[offsets[c]:offsets[c + 1]]``),
   so random-access readers never rebuild it.
 
@@ -25,6 +26,7 @@ import argparse
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -42,11 +44,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ltsam.counts import save_class_counts
 from ltsam.data.factory import LT_DATASETS, create_lt_dataset
 from ltsam.data.files import read_image_folder, read_inat_json, read_list_file
-from ltsam.data.integrity import read_shard, sample_digest, sample_members
+from ltsam.data.integrity import image_problem, read_shard, sample_digest, sample_members, shard_damage
 
 # (key, image, label): image is a file path, encoded bytes, an HxW[xC] uint8 array or a PIL image
 Record = tuple[str, "str | os.PathLike | bytes | np.ndarray | Image.Image", int]
 
+_logger = logging.getLogger("ltsam.data")
 INFO_NAME = "_info.json"
 IMAGE_EXTS = ("jpg", "png", "webp")
 _SUFFIX_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -153,15 +156,6 @@ def _sniff_ext(data: bytes) -> str | None:
     return None
 
 
-def _check_image(key: str, data: bytes) -> None:
-    """Refuse bytes that no image reader recognises now, rather than a skipped sample at training time."""
-    try:
-        with Image.open(io.BytesIO(data)):  # reads the header only
-            pass
-    except Exception as err:
-        raise ValueError(f"record {key!r}: the bytes are not a readable image ({type(err).__name__})") from err
-
-
 def _encode_pil(img: Image.Image, ext: str) -> bytes:
     buf = io.BytesIO()
     if ext == "jpg" and img.mode not in ("RGB", "L"):
@@ -209,6 +203,7 @@ class ShardResult:
     labels: list[int]
     digests: list[str]
     sha256: str
+    filesize: int
 
     @property
     def hist(self) -> dict[int, int]:
@@ -225,14 +220,23 @@ def _write_shard(task: ShardTask) -> ShardResult:
         hashing = _HashingFile(stream)
         with wds.TarWriter(hashing, mtime=0) as sink:
             for key, image, label in task.records:
-                ext, data = encode_image(image, task.reencode)
-                _check_image(key, data)
+                try:
+                    ext, data = encode_image(image, task.reencode)
+                except Exception as err:  # unreadable source: a sentence, not a worker's traceback
+                    problem = f"{type(err).__name__}: {err}"
+                else:
+                    problem = image_problem(data)
+                if problem is not None:
+                    source = f" ({os.fspath(image)})" if isinstance(image, (str, os.PathLike)) else ""
+                    raise ValueError(f"record {key!r}{source} is not a readable image ({problem}): replace it or "
+                                     "leave it out, then write again (finished shards are kept)")
                 members = {ext: data, "cls": str(int(label)).encode()}
                 sink.write({"__key__": _sample_key(key), **members})
                 labels.append(int(label))
                 digests.append(sample_digest(_sample_key(key), members))
+    filesize = os.path.getsize(tmp)
     os.replace(tmp, task.path)
-    return ShardResult(Path(task.path).name, labels, digests, hashing.sha256.hexdigest())
+    return ShardResult(Path(task.path).name, labels, digests, hashing.sha256.hexdigest(), filesize)
 
 
 def _digest(records: Sequence[Record], reencode: str | None) -> str:
@@ -348,21 +352,22 @@ def write_shards(
         previous.get("filenames", []), previous.get("shard_digests", []), previous.get("shard_sha256", [])
     ):
         indexed = previous_index.get(fname, {})
-        if "digests" in indexed:
+        if "digests" in indexed and "filesize" in indexed:
             done.setdefault(fname, {"name": fname, "labels": indexed["labels"], "digests": indexed["digests"],
-                                    "sha256": sha256, "digest": digest})
+                                    "sha256": sha256, "digest": digest, "filesize": indexed["filesize"]})
     results: dict[str, ShardResult] = {}
     todo = []
     for task in tasks:
         fname = Path(task.path).name
         kept = done.get(fname)
-        if (
+        if (  # the same records, and the file as written (a shard cut or changed since is rewritten)
             kept is not None
             and Path(task.path).is_file()
             and kept["digest"] == task.digest
             and len(kept.get("digests", ())) == len(task.records)
+            and kept.get("filesize") == Path(task.path).stat().st_size
         ):
-            results[fname] = ShardResult(fname, kept["labels"], kept["digests"], kept["sha256"])
+            results[fname] = ShardResult(fname, kept["labels"], kept["digests"], kept["sha256"], kept["filesize"])
         else:
             todo.append(task)
 
@@ -376,7 +381,7 @@ def write_shards(
         def finished(result: ShardResult, digest: str) -> None:
             results[result.name] = result
             log.write(json.dumps({"name": result.name, "labels": result.labels, "digests": result.digests,
-                                  "sha256": result.sha256, "digest": digest}) + "\n")
+                                  "sha256": result.sha256, "digest": digest, "filesize": result.filesize}) + "\n")
             log.flush()
             progress.advance(bar)
 
@@ -421,7 +426,8 @@ def _write_metadata(out: Path, split: str, name: str, entry: dict, shards: list[
     extra = {"class_names": entry["class_names"]} if "class_names" in entry else {}
     save_class_counts(entry["class_counts"], out / counts_name(split), split=split, **extra)
     shardlist = [
-        {"url": shard.name, "nsamples": len(shard.labels), "labels": shard.labels, "digests": shard.digests}
+        {"url": shard.name, "nsamples": len(shard.labels), "filesize": shard.filesize, "labels": shard.labels,
+         "digests": shard.digests}
         for shard in shards
     ]
     _replace_json(
@@ -456,13 +462,27 @@ MAX_PROBLEMS_PER_SHARD = 5  # a shard garbled throughout would otherwise print o
 
 @dataclass(frozen=True)
 class ShardCheck:
-    """One shard to check: its file, what the metadata says it holds, and the class count."""
+    """One shard to check: its file, what the metadata says it holds (labels and digests None where an older
+    writer left them out), the class count, and whether to decode every image."""
 
     path: str
-    labels: list[int]
+    labels: list[int] | None
     digests: list[str] | None
     sha256: str | None
     num_classes: int
+    decode: bool = False
+
+
+@dataclass(frozen=True)
+class ShardFound:
+    """What re-reading a shard found: problems (naming key and what), and what the writer would record."""
+
+    problems: list[str]
+    result: ShardResult
+
+    @property
+    def hist(self) -> dict[int, int]:
+        return self.result.hist
 
 
 def sample_problem(sample: dict, expected_digest: str | None, num_classes: int) -> tuple[int | None, str | None]:
@@ -481,116 +501,204 @@ def sample_problem(sample: dict, expected_digest: str | None, num_classes: int) 
     return label, None
 
 
-def check_shard(check: ShardCheck) -> tuple[int, dict[int, int], list[str]]:
-    """Re-read one shard: (samples, label histogram, problems naming the key and what is wrong)."""
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_shard(check: ShardCheck) -> ShardFound:
+    """Re-read one shard: every sample's label, digest and image (header, or every pixel with ``decode``)
+    against the metadata, and the file's SHA-256."""
     problems: list[str] = []
-    if check.sha256 is not None:
-        h = hashlib.sha256()
-        with open(check.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != check.sha256:
-            problems.append("file differs from the SHA-256 recorded in _info.json")
-    hist: Counter[int] = Counter()
+    sha256 = file_sha256(check.path)
+    if check.sha256 is not None and sha256 != check.sha256:
+        problems.append("file differs from the SHA-256 recorded in _info.json")
+    labels, digests = [], []
     n = 0
+    expected = len(check.labels) if check.labels is not None else None
     try:
         for position, sample in read_shard(check.path):
             n = position + 1
             key = sample["__key__"]
-            if position >= len(check.labels):
-                problems.append(f"sample {key}: beyond the {len(check.labels)} samples of the metadata")
+            digests.append(sample_digest(key, sample_members(sample)))
+            if expected is not None and position >= expected:
+                problems.append(f"sample {key}: beyond the {expected} samples of the metadata")
                 continue
             label, problem = sample_problem(sample, check.digests[position] if check.digests else None,
                                             check.num_classes)
-            if label is not None:
-                hist[label] += 1
+            labels.append(-1 if label is None else label)
             if problem is None:
                 image = next(sample[k] for k in (*IMAGE_EXTS, "jpeg") if k in sample)
-                try:
-                    _check_image(key, image)
-                except ValueError as err:
-                    problem = str(err.__cause__)
-            if problem is None and label != check.labels[position]:
+                reason = image_problem(image, decode=check.decode)
+                problem = None if reason is None else f"not a readable image ({reason})"
+            if problem is None and check.labels is not None and label != check.labels[position]:
                 problem = f"label {label}, the index says {check.labels[position]}"
             if problem:
                 problems.append(f"sample {key}: {problem}")
     except Exception as err:  # a garbled tar: reported, not raised
         problems.append(f"unreadable after {n} samples ({type(err).__name__}: {err})")
-    if n < len(check.labels):
-        problems.append(f"{n} samples, metadata says {len(check.labels)} (truncated?)")
+    if expected is not None and n < expected:
+        problems.append(f"{n} samples, metadata says {expected} (truncated?)")
     if len(problems) > MAX_PROBLEMS_PER_SHARD:
         problems[MAX_PROBLEMS_PER_SHARD:] = [f"... and {len(problems) - MAX_PROBLEMS_PER_SHARD} more problems"]
-    return n, dict(hist), problems
+    hist_labels = [y for y in labels if y >= 0]
+    result = ShardResult(Path(check.path).name, hist_labels, digests, sha256, os.path.getsize(check.path))
+    return ShardFound(problems, result)
 
 
-def verify(root: str | os.PathLike, split: str | None = None, num_workers: int = 1) -> list[str]:
-    """Re-read every shard against the metadata: file SHA-256, sample count, and per sample its content digest,
-    label and image header. One line per problem, naming the shard and the sample key."""
-    root = Path(root)
-    info = load_info(root)
-    splits = info.get("splits", {})
-    if not splits:
-        return [f"{root / INFO_NAME}: missing or has no splits"]
-    names = [split] if split else list(splits)
+def _check_split(root: Path, name: str, entry: dict, decode: bool, num_workers: int,
+                 index_required: bool = True) -> tuple[list[str], dict]:
+    """(problems, ShardFound by file name) of one split: each shard re-read, then counts against _info.json."""
     problems = []
-    for name in names:
-        if name not in splits:
-            return [f"split {name!r} not in {root / INFO_NAME} (has {sorted(splits)})"]
-        entry = splits[name]
-        try:
-            indexed = {s["url"]: s for s in read_shardlist(root, name)}
-        except FileNotFoundError as err:
-            problems.append(str(err))
-            indexed = {}
-        paths = [str(root / f) for f in entry["filenames"]]
-        sha256 = entry.get("shard_sha256") or [None] * len(paths)
-        missing = [p for p in paths if not os.path.isfile(p)]
-        problems += [f"{p}: missing" for p in missing]
-        checks = []
-        for fname, path, n, digest in zip(entry["filenames"], paths, entry["shard_lengths"], sha256):
-            if path in missing:
-                continue
-            shard_index = indexed.get(fname, {})
-            labels = shard_index.get("labels", [-1] * n)
-            checks.append(ShardCheck(path, labels, shard_index.get("digests"), digest, entry["num_classes"]))
-        mapper: Callable = map
-        pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
+    try:
+        indexed = {s["url"]: s for s in read_shardlist(root, name)}
+    except FileNotFoundError as err:
+        problems += [str(err)] if index_required else []
+        indexed = {}
+    paths = [str(root / f) for f in entry["filenames"]]
+    sha256 = entry.get("shard_sha256") or [None] * len(paths)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    problems += [f"{p}: missing" for p in missing]
+    checks = []
+    for fname, path, digest in zip(entry["filenames"], paths, sha256):
+        if path in missing:
+            continue
+        shard_index = indexed.get(fname, {})
+        checks.append(ShardCheck(path, shard_index.get("labels"), shard_index.get("digests"), digest,
+                                 entry["num_classes"], decode))
+    mapper: Callable = map
+    pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
+    if pool is not None:
+        mapper = pool.map
+    try:
+        found = dict(zip((Path(c.path).name for c in checks), mapper(check_shard, checks)))
+    finally:
         if pool is not None:
-            mapper = pool.map
-        try:
-            counted = dict(zip((c.path for c in checks), mapper(check_shard, checks)))
-        finally:
-            if pool is not None:
-                pool.shutdown()
-        totals: Counter[int] = Counter()
-        for path, n_expected, hist_expected in zip(paths, entry["shard_lengths"], entry["shard_class_hist"]):
-            if path not in counted:
-                continue
-            n, hist, shard_problems = counted[path]
-            totals.update(hist)
-            problems += [f"{path}: {p}" for p in shard_problems]
-            if n != n_expected and not any("metadata says" in p for p in shard_problems):
-                problems.append(f"{path}: {n} samples, metadata says {n_expected}")
-            expected = {int(k): v for k, v in hist_expected.items()}
-            if hist != expected:
-                diff = {
-                    c: (hist.get(c, 0), expected.get(c, 0))
-                    for c in set(hist) | set(expected)
-                    if hist.get(c, 0) != expected.get(c, 0)
-                }
-                problems.append(
-                    f"{path}: label counts differ (class: (found, expected)) {dict(sorted(diff.items()))}"
-                )
-        if sum(entry["shard_lengths"]) != entry["num_samples"]:
-            problems.append(
-                f"split {name}: shard lengths sum to {sum(entry['shard_lengths'])}, "
-                f"num_samples says {entry['num_samples']}"
-            )
-        if not missing:
-            counts = [totals.get(c, 0) for c in range(len(entry["class_counts"]))]
-            if counts != entry["class_counts"]:
-                problems.append(f"split {name}: label totals differ from class_counts")
+            pool.shutdown()
+    totals: Counter[int] = Counter()
+    for fname, path, n_expected, hist_expected in zip(
+        entry["filenames"], paths, entry["shard_lengths"], entry["shard_class_hist"]
+    ):
+        if fname not in found:
+            continue
+        shard = found[fname]
+        n, hist = len(shard.result.digests), shard.hist
+        totals.update(hist)
+        problems += [f"{path}: {p}" for p in shard.problems]
+        if n != n_expected and not any("metadata says" in p for p in shard.problems):
+            problems.append(f"{path}: {n} samples, metadata says {n_expected}")
+        expected = {int(k): v for k, v in hist_expected.items()}
+        if hist != expected:
+            diff = {
+                c: (hist.get(c, 0), expected.get(c, 0))
+                for c in set(hist) | set(expected)
+                if hist.get(c, 0) != expected.get(c, 0)
+            }
+            problems.append(f"{path}: label counts differ (class: (found, expected)) {dict(sorted(diff.items()))}")
+    if sum(entry["shard_lengths"]) != entry["num_samples"]:
+        problems.append(
+            f"split {name}: shard lengths sum to {sum(entry['shard_lengths'])}, num_samples says {entry['num_samples']}"
+        )
+    if not missing:
+        counts = [totals.get(c, 0) for c in range(len(entry["class_counts"]))]
+        if counts != entry["class_counts"]:
+            problems.append(f"split {name}: label totals differ from class_counts")
+    return problems, found
+
+
+def _splits(root: Path, split: str | None) -> tuple[dict, list[str], list[str]]:
+    """(the splits of _info.json, the names asked for, problems finding them)."""
+    splits = load_info(root).get("splits", {})
+    if not splits:
+        return splits, [], [f"{root / INFO_NAME}: missing or has no splits"]
+    if split and split not in splits:
+        return splits, [], [f"split {split!r} not in {root / INFO_NAME} (has {sorted(splits)})"]
+    return splits, [split] if split else list(splits), []
+
+
+def verify(root: str | os.PathLike, split: str | None = None, num_workers: int = 1, decode: bool = False) -> list[str]:
+    """Re-read every shard against the metadata: file SHA-256, sample count, and per sample its content digest,
+    label and image (header, or every pixel with ``decode``). One line per problem, naming the shard and the
+    sample key. Shards written without digests are checked for everything but their content
+    (:func:`undigested_note` says so)."""
+    root = Path(root)
+    splits, names, problems = _splits(root, split)
+    for name in names:
+        problems += _check_split(root, name, splits[name], decode, num_workers)[0]
     return problems
+
+
+def undigested_note(root: str | os.PathLike, split: str, shardlist: list[dict] | None = None) -> str | None:
+    """A sentence naming a split whose shards lack per-sample digests (an older writer), and the command that
+    adds them; None when every shard has them. ``shardlist``: the split's wids index entries, if read."""
+    if shardlist is None:
+        try:
+            shardlist = read_shardlist(root, split)
+        except FileNotFoundError:  # no index at all: no shard has digests
+            shardlist = [{}] * len(load_info(root).get("splits", {}).get(split, {}).get("filenames", ()))
+    lacking = sum("digests" not in s for s in shardlist)
+    if not lacking:
+        return None
+    return (f"{lacking} shard(s) of split {split!r} in {root} were written without per-sample digests (an older "
+            f"writer), so their content is not checked: changed image bytes go unnoticed. Add the digests with "
+            f"`python -m ltsam.data.shards digest {root} --split {split}`")
+
+
+def add_digests(root: str | os.PathLike, split: str | None = None, num_workers: int = 1) -> list[str]:
+    """Record what an older writer left out (per-sample digests, file SHA-256 and size; the wids and per-class
+    indexes where missing) from the shards as they are now, after checking every sample against the rest of
+    the metadata and decoding every image. Returns the problems; with any, nothing is written (digests of
+    damaged data would bless it)."""
+    root = Path(root)
+    splits, names, problems = _splits(root, split)
+    found_by_split = {}
+    for name in names:
+        split_problems, found = _check_split(root, name, splits[name], True, num_workers, index_required=False)
+        problems += split_problems
+        found_by_split[name] = found
+    if problems:
+        return problems
+    data_set_name = load_info(root).get("name", root.name)
+    for name in names:
+        entry, found = dict(splits[name]), found_by_split[name]
+        results = [found[f].result for f in entry["filenames"]]
+        entry["shard_sha256"] = [r.sha256 for r in results]
+        _write_metadata(root, name, data_set_name, entry, results)
+    return []
+
+
+def check_shard_set(root: Path, split: str, shards: Sequence[dict]) -> None:
+    """Before any read: every shard exists and has the size written (older sets: the samples the index says),
+    else an error naming each damaged shard and what to do; a warning if the set has no content digests.
+
+    ``shards``: wids-index style entries (``url``, ``nsamples``, optional ``filesize`` and ``digests``).
+    """
+    missing = [s["url"] for s in shards if not (root / s["url"]).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(shards)} shards of split {split!r} in {root} are missing, e.g. {missing[:3]}; "
+            "restore them or write the set again"
+        )
+    damage = {s["url"]: shard_damage(root / s["url"], s["nsamples"], s.get("filesize")) for s in shards}
+    damaged = {url: what for url, what in damage.items() if what is not None}
+    if damaged:
+        listed = "; ".join(f"{url}: {what}" for url, what in list(damaged.items())[:5])
+        more = f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else ""
+        raise ValueError(
+            f"{len(damaged)} of {len(shards)} shards of split {split!r} in {root} are damaged (cut short or changed "
+            f"since writing): {listed}{more}. Run `python -m ltsam.data.shards verify {root}` for each problem, then "
+            "rerun the `write` command that made the set (it rewrites only the damaged shards) or restore them"
+        )
+    note = undigested_note(root, split, list(shards))
+    if note is not None and (root, split) not in _WARNED_UNDIGESTED:
+        _WARNED_UNDIGESTED.add((root, split))
+        _logger.warning(note)
+
+
+_WARNED_UNDIGESTED: set[tuple[Path, str]] = set()  # one warning per set and process
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -673,36 +781,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser(
         "verify", help="re-read every shard: SHA-256, counts, and each sample's digest, label and image header"
     )
-    check.add_argument("root")
-    check.add_argument("--split", default=None)
-    check.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    check.add_argument("--decode", action="store_true", help="decode every image, not only its header")
+    digest = sub.add_parser(
+        "digest", help="add the per-sample digests (and file SHA-256 and sizes) an older writer left out, "
+                       "after checking and decoding every sample"
+    )
+    for command in (check, digest):
+        command.add_argument("root")
+        command.add_argument("--split", default=None)
+        command.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
 
-    if args.command == "verify":
-        problems = verify(args.root, args.split, args.workers)
-        for line in problems:
-            print(line, file=sys.stderr)
-        print(f"{len(problems)} problem(s) in {args.root}")
-        return 1 if problems else 0
+    if args.command in ("verify", "digest"):
+        return _verify_or_digest(args)
     if not args.dataset and (args.imb_factor is not None or args.n_max is not None or args.data_dir):
         parser.error("--data-dir, --imb-factor and --n-max apply to --dataset only")
     records, num_classes, class_names = _records_from_args(args)
-    entry = write_shards(
-        records,
-        args.out,
-        split=args.split,
-        name=args.name,
-        maxcount=args.maxcount,
-        group_by=args.group_by,
-        min_shards_per_group=args.min_shards_per_group,
-        num_classes=args.num_classes or num_classes,
-        class_names=class_names,
-        reencode=args.reencode,
-        num_workers=args.workers,
-        seed=args.seed,
-    )
+    try:
+        entry = write_shards(
+            records,
+            args.out,
+            split=args.split,
+            name=args.name,
+            maxcount=args.maxcount,
+            group_by=args.group_by,
+            min_shards_per_group=args.min_shards_per_group,
+            num_classes=args.num_classes or num_classes,
+            class_names=class_names,
+            reencode=args.reencode,
+            num_workers=args.workers,
+            seed=args.seed,
+        )
+    except ValueError as err:  # a bad record or option: one sentence, no traceback
+        print(f"{parser.prog} write: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {entry['num_samples']} samples in {len(entry['filenames'])} shards to {args.out}")
     return 0
+
+
+def _verify_or_digest(args: argparse.Namespace) -> int:
+    """``verify``: problems, then what was not checked; ``digest``: problems, or the digests added."""
+    if args.command == "digest":
+        problems = add_digests(args.root, args.split, args.workers)
+    else:
+        problems = verify(args.root, args.split, args.workers, decode=args.decode)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if args.command == "digest":
+        print(f"{len(problems)} problem(s) in {args.root}: nothing written, fix them first" if problems
+              else f"digests recorded for {args.root}: `verify` now checks every sample's content")
+        return 1 if problems else 0
+    print(f"{len(problems)} problem(s) in {args.root}")
+    _, names, _ = _splits(Path(args.root), args.split)
+    notes = [note for name in names if (note := undigested_note(args.root, name)) is not None]
+    if not args.decode:
+        notes.append("images were checked by their headers only: `verify --decode` decodes every image")
+    for note in notes:
+        print(f"note: {note}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

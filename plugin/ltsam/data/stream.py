@@ -65,7 +65,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ltsam.counts import load_class_counts
 from ltsam.data.balance import MODES, class_probabilities
 from ltsam.data.integrity import SkipLedger, read_shard
-from ltsam.data.shards import INFO_NAME, counts_name, read_shardlist, sample_problem, wids_name
+from ltsam.data.shards import INFO_NAME, check_shard_set, counts_name, read_shardlist, sample_problem, wids_name
 
 _logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -73,7 +73,8 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """One split's shards as recorded in ``_info.json``; building it checks that every shard exists."""
+    """One split's shards as recorded in ``_info.json``; loading it checks that every shard exists and has the
+    size it was written with (:func:`ltsam.data.shards.check_shard_set`)."""
 
     root: Path
     split: str
@@ -99,12 +100,6 @@ class ShardLayout:
             raise KeyError(f"split {split!r} not in {info_path} (has {sorted(splits)})")
         entry = splits[split]
         urls = tuple(str(root / f) for f in entry["filenames"])
-        missing = [u for u in urls if not os.path.isfile(u)]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(urls)} shards of split {split!r} listed in {info_path} are missing, "
-                f"e.g. {missing[:3]}"
-            )
         hists = entry.get("shard_class_hist")
         counts_file = root / counts_name(split)
         counts = load_class_counts(counts_file if counts_file.is_file() else entry["class_counts"])
@@ -114,6 +109,8 @@ class ShardLayout:
         if (root / wids_name(split)).is_file():
             indexed = {s["url"]: s for s in read_shardlist(root, split)}
         shard_index = [indexed.get(f, {}) for f in entry["filenames"]]
+        check_shard_set(root, split, [{**s, "url": f, "nsamples": n}
+                                      for s, f, n in zip(shard_index, entry["filenames"], entry["shard_lengths"])])
         return cls(
             root=root,
             split=split,
@@ -219,10 +216,11 @@ class ShardReader:
 
     def __init__(self, layout: ShardLayout, ledger: SkipLedger | None = None) -> None:
         self.layout = layout
-        self.ledger = ledger if ledger is not None else SkipLedger([Path(u).name for u in layout.urls])
+        self.ledger = ledger if ledger is not None else SkipLedger([Path(u).name for u in layout.urls], layout.lengths)
 
     def read(self, shard: int, start: int = 0, stop: int | None = None) -> Iterator[dict]:
-        """Checked samples ``start:stop`` of one shard, each tagged with ``__shard__``; a shard that ends
+        """Checked samples ``start:stop`` of one shard, each tagged with ``__shard__`` and ``__position__``; a
+        shard that ends
         before its metadata's length (or cannot be opened) is recorded in the ledger."""
         layout, expected = self.layout, self.layout.lengths[shard]
         stop = expected if stop is None else stop
@@ -245,9 +243,9 @@ class ShardReader:
                 if problem is None and labels is not None and position < len(labels) and label != labels[position]:
                     problem = f"label {label}, the index says {labels[position]}"
                 if problem is not None:
-                    self.ledger.skip(shard, sample["__key__"], problem)
+                    self.ledger.skip(shard, position, sample["__key__"], problem)
                     continue
-                sample["__shard__"] = shard
+                sample["__shard__"], sample["__position__"] = shard, position
                 yield sample
         except (OSError, tarfile.TarError) as err:  # deleted or unreadable since the layout was loaded
             _logger.error("%s: cannot be read (%s)", layout.urls[shard], err)
@@ -274,7 +272,7 @@ class ShardReader:
                     produced = True
                     yield sample
             if not produced:
-                self.ledger.raise_if_short(self.layout.lengths)
+                self.ledger.raise_if_short()
                 raise RuntimeError(f"no readable sample in {len(shards)} shards, e.g. {self.layout.urls[shards[0]]}")
             offset = 0
 
@@ -346,6 +344,7 @@ class ClassAwareSource(IterableDataset):
         self.shuffle_size = shuffle_size
         self.epoch = epoch if epoch is not None else SharedCount()
         self.reader = reader if reader is not None else ShardReader(layout)
+        self._past_reads: dict[int, list[dict[int, float]]] = {}
 
     def progress(self, epoch: int) -> float:
         return min(1.0, epoch / max(1, self.num_epochs - 1))
@@ -358,18 +357,28 @@ class ClassAwareSource(IterableDataset):
         efficiency = emission_per_read(self.layout, rates)
         return {b: p * emitted / efficiency[b] if p > 0 else 0.0 for b, p in probs.items()}
 
+    def past_reads(self, epoch: int, readers: int) -> dict[int, float]:
+        """C_b(e) = sum of L_b(e') over the epochs e' < e, where L_b changes with the epoch (progressive).
+
+        The running sums are kept (per reader count), so a worker that goes through the epochs in order
+        computes one epoch's plan per epoch, not all earlier ones again; the sums are added epoch by epoch in
+        the same order either way, so the result is the same to the last bit.
+        """
+        sums = self._past_reads.setdefault(readers, [dict.fromkeys(self.layout.bucket_sizes(), 0.0)])
+        while len(sums) <= epoch:
+            running = dict(sums[-1])
+            for b, length in self.bucket_reads(len(sums) - 1, readers).items():
+                running[b] += length
+            sums.append(running)
+        return sums[epoch]
+
     def bucket_starts(self, epoch: int, reader: int, readers: int) -> dict[int, int]:
         """Where ``reader`` of ``readers`` starts reading each bucket's cycle in ``epoch`` (module docstring):
         tiled after the arcs of all readers and earlier epochs where an arc is long, at random where short."""
         sizes = self.layout.bucket_sizes()
         now = self.bucket_reads(epoch, readers)
-        if self.mode == "progressive":
-            past = dict.fromkeys(sizes, 0.0)
-            for earlier in range(epoch):
-                for b, length in self.bucket_reads(earlier, readers).items():
-                    past[b] += length
-        else:
-            past = {b: epoch * length for b, length in now.items()}
+        past = self.past_reads(epoch, readers) if self.mode == "progressive" else {
+            b: epoch * length for b, length in now.items()}
         starts = {}
         for b, length in now.items():
             if length >= TILED_ARC:
@@ -447,8 +456,10 @@ class StreamingDataset(IterableDataset):
     ``len(dataset)`` is the samples per rank per epoch; use ``DataLoader(dataset, batch_size, num_workers)``
     with the same ``num_workers`` given here (every worker yields whole batches). ``mode=None`` or
     ``'instance'`` reads each image once per epoch; other modes re-balance in the stream (module docstring).
-    Samples that fail their check or do not decode are skipped and counted (``num_skipped``,
-    ``skipped_by_shard``); a shard found shorter than its metadata is an error when the epoch's quota is done.
+    A shard missing or not of its written size is an error when the data set is built. Samples that fail
+    their check or do not decode are skipped and counted once each however often met (``num_skipped``,
+    ``skipped_by_shard``; every skip in ``skip_events``); a shard found shorter than its metadata while
+    reading (cut after the build) is an error when the epoch's quota is done.
     Loader workers reseed Python, NumPy and torch from (seed, epoch, rank, worker) at each epoch, so random
     augmentation repeats exactly with persistent workers too.
     """
@@ -508,6 +519,8 @@ class StreamingDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.value = epoch
+        if self.mode == "progressive":  # extend the running sums here: workers started afresh inherit them
+            self.source.past_reads(epoch, self.readers)
 
     @property
     def class_counts(self) -> list[int]:
@@ -519,10 +532,18 @@ class StreamingDataset(IterableDataset):
 
     @property
     def num_skipped(self) -> int:
+        """Distinct bad samples met so far (a sample skipped in several epochs counts once)."""
         return self.reader.ledger.total
+
+    @property
+    def skip_events(self) -> int:
+        return self.reader.ledger.skip_events
 
     def skipped_by_shard(self) -> dict[str, int]:
         return self.reader.ledger.summary()
+
+    def bad_samples(self) -> dict[str, list[int]]:
+        return self.reader.ledger.bad_samples()
 
     def __len__(self) -> int:
         return self.quota * max(1, self.num_workers)
@@ -563,7 +584,8 @@ class StreamingDataset(IterableDataset):
             try:
                 img, label = decode_sample(sample)
             except Exception as err:  # undecodable despite a matching digest: counted, the quota still filled
-                self.reader.ledger.skip(sample["__shard__"], sample["__key__"], f"undecodable image ({err})")
+                self.reader.ledger.skip(sample["__shard__"], sample["__position__"], sample["__key__"],
+                                        f"undecodable image ({err})")
                 continue
             if self.transform is not None:
                 img = self.transform(img)
@@ -571,7 +593,7 @@ class StreamingDataset(IterableDataset):
                 label = self.target_transform(label)
             produced += 1
             yield img, label
-        self.reader.ledger.raise_if_short(self.layout.lengths)
+        self.reader.ledger.raise_if_short()
 
 
 class ClassAwareReaderWds(ReaderWds):

@@ -31,6 +31,7 @@ from ltsam.counts import load_class_counts
 from ltsam.data.integrity import SkipLedger
 from ltsam.data.shards import (
     by_class_name,
+    check_shard_set,
     class_index,
     counts_name,
     read_shardlist,
@@ -72,9 +73,10 @@ class ShardIndexDataset(Dataset):
 
     Local shards are opened in place (no ``wids`` cache copy) unless ``cache_dir`` is given. Every sample read
     is checked against the index (content digest, label range); a sample that fails, or does not decode, is
-    skipped, counted per shard (``num_skipped``, ``skipped_by_shard``), logged once per shard with its key, and
-    replaced by the next sample of the same class. A shard holding fewer samples than the index says is an
-    error naming it, at the first access to it.
+    skipped, counted once per shard however often it is met (``num_skipped``, ``skipped_by_shard``; the skips
+    themselves in ``skip_events``), logged once per shard with its key, and replaced by the next sample of the
+    same class. A missing shard, or one whose size differs from the size written, is an error naming it when
+    the data set is built; one cut later, at the first access to it.
     """
 
     def __init__(
@@ -90,11 +92,7 @@ class ShardIndexDataset(Dataset):
         root = Path(root)
         index = root / wids_name(split)
         shardlist = read_shardlist(root, split)
-        missing = [s["url"] for s in shardlist if not (root / s["url"]).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} shards listed in {index} are missing, e.g. {missing[:3]}"
-            )
+        check_shard_set(root, split, shardlist)
         self.root = root
         self.targets = shardlist_labels(shardlist)
         self.class_counts = load_class_counts(root / counts_name(split))
@@ -102,7 +100,7 @@ class ShardIndexDataset(Dataset):
         self._digests = [d for s in shardlist for d in s.get("digests", [None] * s["nsamples"])]
         self._shard_of = np.repeat(np.arange(len(shardlist)), [s["nsamples"] for s in shardlist])
         self._nsamples = [s["nsamples"] for s in shardlist]
-        self.ledger = SkipLedger([s["url"] for s in shardlist])
+        self.ledger = SkipLedger([s["url"] for s in shardlist], self._nsamples)
         localname = None if cache_dir else str  # identity: read local shards in place, picklable
         self.lru_size = lru_size or min(len(shardlist), int(os.environ.get(OPEN_SHARDS_ENV, 1024)))
         with routed_output(str(index)):
@@ -120,10 +118,18 @@ class ShardIndexDataset(Dataset):
 
     @property
     def num_skipped(self) -> int:
+        """Distinct bad samples met so far (the class's fall-through may skip one sample many times)."""
         return self.ledger.total
+
+    @property
+    def skip_events(self) -> int:
+        return self.ledger.skip_events
 
     def skipped_by_shard(self) -> dict[str, int]:
         return self.ledger.summary()
+
+    def bad_samples(self) -> dict[str, list[int]]:
+        return self.ledger.bad_samples()
 
     def same_class(self, label: int) -> np.ndarray:
         """Indices of the samples of class ``label``, ascending (from the per-class index)."""
@@ -141,7 +147,7 @@ class ShardIndexDataset(Dataset):
                                    "shard changed after writing: run `python -m ltsam.data.shards verify`") from err
             if found < self._nsamples[shard]:
                 self.ledger.short(shard, found, self._nsamples[shard])
-                self.ledger.raise_if_short(self._nsamples)
+                self.ledger.raise_if_short()
             raw = self.shards[index]
         sample = {k.lstrip("."): (v.read() if isinstance(v, io.IOBase) else v) for k, v in raw.items()
                   if not k.startswith("__")}
@@ -159,7 +165,7 @@ class ShardIndexDataset(Dataset):
                     return img.convert("RGB")
             except Exception as err:
                 problem = f"undecodable image ({err})"
-        self.ledger.skip(shard, sample["__key__"], problem)
+        self.ledger.skip(shard, index - self.ledger.starts[shard], sample["__key__"], problem)
         raise _Skipped
 
     def __getitem__(self, index: int):

@@ -2,7 +2,7 @@
 
 from ltsam.optim.engine import Group, PassPlan, SAMFamily
 from ltsam.optim.methods import SAM, SSESAM, ClassAware, FocalSAM, ImbSAM
-from ltsam.optim.registry import SAM_FAMILY, register
+from ltsam.optim.registry import SAM_FAMILY, register, register_family
 
 __all__ = ["SAM", "SSESAM", "ClassAware", "FocalSAM", "Group", "ImbSAM", "PassPlan", "SAMFamily", "SAM_FAMILY",
-           "register"]
+           "register", "register_family"]

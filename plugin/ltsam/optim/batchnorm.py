@@ -131,7 +131,8 @@ class StatsRecorder:
         self._hooks = []
 
     def _record(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        x = inputs[0].detach().float()
+        x = inputs[0].detach()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16/bf16 under autocast; float64 kept
         dims = [d for d in range(x.dim()) if d != 1]
         var, mean = torch.var_mean(x, dims, correction=0)
         self.stats[module].append((mean, var, x.numel() // x.shape[1]))
@@ -175,13 +176,14 @@ def _combine_over_ranks(stats: dict[nn.Module, list[Stats]]) -> dict[nn.Module, 
     for m, entries in stats.items():
         out[m] = []
         for mean, _, _ in entries:
+            dtype = mean.dtype
             c = mean.numel()
             total = flat[offset]
             sums, squares = flat[offset + 1: offset + 1 + c], flat[offset + 1 + c: offset + 1 + 2 * c]
             offset += 1 + 2 * c
             global_mean = sums / total
             unbiased = (squares - total * global_mean * global_mean) / (total - 1).clamp_min(1)
-            out[m].append((global_mean.float(), unbiased.float()))
+            out[m].append((global_mean.to(dtype), unbiased.to(dtype)))
     return out
 
 
@@ -190,7 +192,7 @@ def _update_buffers(m: nn.Module, mean: Tensor, var: Tensor) -> None:
     if isinstance(m, _BatchNorm):
         m.num_batches_tracked.add_(1)
         # momentum None: cumulative average, weight 1/n computed on the device (no host sync)
-        weight = m.momentum if m.momentum is not None else 1.0 / m.num_batches_tracked.float()
+        weight = m.momentum if m.momentum is not None else 1.0 / m.num_batches_tracked.to(m.running_mean.dtype)
         m.running_mean.lerp_(mean.to(m.running_mean.dtype), weight)
         m.running_var.lerp_(var.to(m.running_var.dtype), weight)
     else:  # EvoNorm-B: running variance only, fixed momentum

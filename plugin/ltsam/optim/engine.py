@@ -150,6 +150,9 @@ class PassPlan:
     at_w: list[Pass]
     groups: list[tuple[int, PerturbedPass | None]]  # per group, in order: BN replays before it, its passes
     record: bool  # record the batch statistics of the forwards at w, for the replays
+    # a compiled model runs no forward hooks added after compiling: each replay is then a forward at w
+    # without gradient over these (every micro-batch's samples), the official forward minus its backward
+    replay_forwards: list[Pass] = field(default_factory=list)
     syncs: list[str] = field(default_factory=list)  # the all-reduces, in order (empty without DDP)
 
     def counts(self) -> PassCount:
@@ -157,6 +160,8 @@ class PassPlan:
         count = PassCount.zero(self.micro_batches)
         for p in self.at_w + [p for _, g in self.groups if g is not None for p in g.passes]:
             count.add(p.chunk, forward=1, backward=len(p.vjps))
+        for p in self.replay_forwards * sum(replays for replays, _ in self.groups):
+            count.add(p.chunk, forward=1)
         return count
 
     def __str__(self) -> str:
@@ -164,10 +169,12 @@ class PassPlan:
             return f"micro-batch {p.chunk}: forward {p.size} samples, VJP {', '.join(s for s, _ in p.vjps)}"
 
         lines = ["at w (recording BN statistics):" if self.record else "at w:"]
+        how = "forward again at w without gradient" if self.replay_forwards else \
+            "replay the BN statistics of the forwards at w"
         lines += ["  " + line(p) for p in self.at_w]
         for k, (replays, g) in enumerate(self.groups):
             if replays:
-                lines.append(f"group {k}: replay the BN statistics of the forwards at w x{replays}")
+                lines.append(f"group {k}: {how} x{replays}")
             if g is not None:
                 lines.append(f"group {k}: perturb along {g.direction} (radius {g.radius!r})")
                 lines += ["  " + line(p) for p in g.passes]
@@ -263,6 +270,11 @@ class SAMFamily(torch.optim.Optimizer):
         for group in self.param_groups:
             for name, value in radii.items():
                 group.setdefault(name, value)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of per-sample weights, losses and norms: float32, or float64 for a float64 model."""
+        return _accumulation_dtype(self._model_params[0].dtype if self._model_params else torch.float32)
 
     def defer_check(self, bad: Tensor, error: Callable[[], Exception]) -> None:
         """Raise ``error()`` if the device flag ``bad`` is set; read with the step's one host sync."""
@@ -407,7 +419,8 @@ class SAMFamily(torch.optim.Optimizer):
         else:
             batch_size, device = targets.shape[0], targets.device
         plan = self._plan(targets, batch_size, micro_batches, device, split=not coupled,
-                          reuse_first=first is not None, replay=bool(recorder.layers))
+                          reuse_first=first is not None, replay=bool(recorder.layers),
+                          one_vjp_per_forward=is_compiled(self._model))
         total, loss_value = self._execute(plan, closure, params, scale, first, recorder, policy)
 
         if scale is not None:  # an overflowing step is skipped: put the BN buffers back as they were
@@ -421,11 +434,12 @@ class SAMFamily(torch.optim.Optimizer):
         policy = batch_policy(self._model) if self._model is not None else BatchPolicy()
         coupled = policy.coupled if self.subset_forward is None else not self.subset_forward
         replay = coupled and self.bn_mode == "reference" and bool(policy.replayable)
-        return self._plan(targets, targets.shape[0], micro_batches, targets.device, not coupled, False, replay)
+        return self._plan(targets, targets.shape[0], micro_batches, targets.device, not coupled, False, replay,
+                          one_vjp_per_forward=self._model is not None and is_compiled(self._model))
 
     # -- planning --------------------------------------------------------------------------------------
     def _plan(self, targets: Tensor | None, batch_size: int, micro_batches: int, device: torch.device,
-              split: bool, reuse_first: bool, replay: bool) -> PassPlan:
+              split: bool, reuse_first: bool, replay: bool, one_vjp_per_forward: bool = False) -> PassPlan:
         if micro_batches > batch_size:
             raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {batch_size}")
         self._checks = []
@@ -446,12 +460,22 @@ class SAMFamily(torch.optim.Optimizer):
             if support.count(bits) > 0:
                 at_w.append(("G", reduce(lambda s, t: s + t[1], flat_terms[1:], flat_terms[0][1]), bits))
         split_at_w = split and not reuse_first and support.disjoint([bits for _, _, bits in at_w])
+        if one_vjp_per_forward and not split and len(at_w) > 1:
+            raise ValueError(
+                f"{type(self).__name__} on a compiled model with batch-coupled layers (BatchNorm): this step needs "
+                f"{len(at_w)} gradients of one forward at w, which a compiled graph gives only once, and a repeated "
+                "compiled forward with BatchNorm was not exact in ltsam's checks; train this model uncompiled "
+                "(drop --torchcompile), or compile a model without BatchNorm (LayerNorm/GroupNorm, ViTs)"
+            )
 
         passes = []
         for c in range(len(chunks)):
             if split_at_w:
                 passes += [Pass(c, *support.samples(bits, c), [(name, w)]) for name, w, bits in at_w
                            if support.count(bits, c)]
+            elif one_vjp_per_forward and split:  # a compiled graph gives one VJP: AOTAutograd may donate buffers
+                passes += [Pass(c, index, size, [(name, w)]) for name, w, bits in at_w
+                           for index, size in [support.samples(bits, c)] if size]
             else:
                 passes.append(Pass(c, *support.samples(EVERY_SAMPLE, c), [(name, w) for name, w, _ in at_w]))
         plan_groups = []
@@ -468,7 +492,11 @@ class SAMFamily(torch.optim.Optimizer):
         syncs = []
         if is_distributed():
             syncs = ([", ".join(p.direction for _, p in plan_groups if p)] if any(active) else []) + ["G"]
-        return PassPlan(micro_batches, passes, plan_groups, record=any(r for r, _ in plan_groups), syncs=syncs)
+        replays = any(r for r, _ in plan_groups)
+        if replays and one_vjp_per_forward:
+            return PassPlan(micro_batches, passes, plan_groups, record=False, syncs=syncs,
+                            replay_forwards=[Pass(p.chunk, p.index, p.size, []) for p in passes])
+        return PassPlan(micro_batches, passes, plan_groups, record=replays, syncs=syncs)
 
     def _radii(self, rho: str | float) -> list[float]:
         """The radius of each param group (a field of the groups, or a fixed number)."""
@@ -493,14 +521,18 @@ class SAMFamily(torch.optim.Optimizer):
                 losses = first if first is not None else self._forward(closure, p.index, p.size, p.chunk)
                 first = None
                 self._vjps(losses, p, params, scale, acc)
-                loss_sum, seen = loss_sum + losses.detach().float().sum(), seen + p.size
+                loss_sum, seen = loss_sum + losses.detach().to(_accumulation_dtype(losses.dtype)).sum(), seen + p.size
         # a direction whose samples all sit on other ranks (split passes) is 0 here before the all-reduce
         directions = [acc.pop(g.direction, None) or _zeros(params) for _, g in plan.groups if g is not None]
         self._sync(*directions)
         backup = [p.detach().clone() for p in params] if directions else []
         frozen = policy.replayable if self.bn_mode == "freeze" else []
         for replays, group in plan.groups:
-            recorder.replay(replays)
+            if plan.replay_forwards:
+                for p in plan.replay_forwards * replays:
+                    self._forward(closure, p.index, p.size, p.chunk)
+            else:
+                recorder.replay(replays)
             if group is None:
                 continue
             self._perturb(params, directions.pop(0), group.radius)
@@ -512,8 +544,9 @@ class SAMFamily(torch.optim.Optimizer):
         self._sync(total)
         return total, loss_sum / max(seen, 1)
 
-    def _forward(self, closure: LossClosure, index: Tensor | None, expected: int | None, chunk: int) -> Tensor:
-        with torch.enable_grad():
+    def _forward(self, closure: LossClosure, index: Tensor | None, expected: int | None, chunk: int,
+                 grad: bool = True) -> Tensor:
+        with torch.set_grad_enabled(grad):
             losses = closure() if index is None else closure(index)
         if losses.dim() != 1:
             raise ValueError(
@@ -533,22 +566,27 @@ class SAMFamily(torch.optim.Optimizer):
             if isinstance(weights, Tensor) and p.index is not None:
                 weights = weights[p.index]
             with torch.enable_grad():
-                objective = (losses.float() * weights).sum()
+                dtype = _accumulation_dtype(losses.dtype)
+                if isinstance(weights, Tensor):
+                    weights = weights.to(dtype)
+                objective = (losses.to(dtype) * weights).sum()
                 if scale is not None:
                     objective = objective * scale
-                grads = torch.autograd.grad(objective, params, retain_graph=i < len(p.vjps) - 1, allow_unused=True)
+                grads = list(torch.autograd.grad(objective, params, retain_graph=i < len(p.vjps) - 1,
+                                                 allow_unused=True))
             self.last_passes.add(p.chunk, backward=1)
-            grads = [torch.zeros_like(q) if g is None else g for q, g in zip(params, grads)]
-            if name in acc:
-                torch._foreach_add_(acc[name], grads)
+            if name in acc:  # the accumulator is the engine's own: adding into it is safe
+                added = [(a, g) for a, g in zip(acc[name], grads) if g is not None]
+                torch._foreach_add_([a for a, _ in added], [g for _, g in added])
             else:
-                acc[name] = grads
+                acc[name] = _own(grads, params)
 
     def _perturb(self, params: list[Tensor], direction: list[Tensor], radius: str | float) -> None:
         """w += rho * g / ||g|| (or the adaptive form); the direction buffers are overwritten with eps."""
         if self.adaptive:
             torch._foreach_mul_(direction, torch._foreach_abs(params))
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction)).float())
+        norms = torch.stack(torch._foreach_norm(direction))
+        norm = torch.linalg.vector_norm(norms.to(_accumulation_dtype(norms.dtype)))
         if self.adaptive:
             torch._foreach_mul_(direction, torch._foreach_abs(params))
         radii = self._radii(radius)
@@ -655,6 +693,31 @@ class _Support:
 
 def _zeros(params: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) for p in params]
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """The model (or a submodule) runs through torch.compile: ``torch.compile(model)`` or ``module.compile()``."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
+
+
+def _own(grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor]:
+    """Copies of the gradients autograd returned, which the engine then adds into and scales in place.
+
+    Autograd may hand back tensors that share storage (for a one-sample forward through a ViT, the gradients
+    of ``cls_token`` and ``pos_embed`` are views of one buffer), so writing into them would count that
+    storage twice. Copying one tensor at a time keeps the extra memory to one gradient.
+    """
+    for i, g in enumerate(grads):
+        grads[i] = torch.zeros_like(params[i]) if g is None else g.clone(memory_format=torch.contiguous_format)
+    return grads
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses, weights and norms in at least float32 (bf16/fp16 autocast), float64 models kept in float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _chunk_bounds(size: int, parts: int) -> list[tuple[int, int]]:

@@ -35,16 +35,20 @@ class ClassAware(SAMFamily):
         self.class_counts = load_class_counts(class_counts)
         self.num_classes = len(self.class_counts)
 
-    def _class_table(self, values: list[float] | Tensor, targets: Tensor) -> Tensor:
-        """Per-sample value of a per-class table; labels outside the table are refused by the engine's one
-        host read of the step (indexing with them is clamped meanwhile, so no device assert fires first)."""
+    def class_table(self, values: list[float] | Tensor, targets: Tensor) -> Tensor:
+        """Per-sample value of a per-class table (``values[c]`` for a sample of class c), for ``groups()``.
+
+        Labels outside the table are refused by the engine's one host read of the step (indexing with them is
+        clamped meanwhile, so no device assert fires first). The values come in the engine's weight dtype
+        (float32, float64 for a float64 model)."""
         bad = check_targets(targets, self.num_classes)
         self.defer_check(bad, lambda: out_of_range(targets, self.num_classes))
-        table = torch.as_tensor(values, dtype=torch.float32, device=targets.device)
+        table = torch.as_tensor(values, dtype=self.weight_dtype, device=targets.device)
         return table[targets.clamp(0, self.num_classes - 1)]
 
-    def _tail(self, eta: float, targets: Tensor) -> Tensor:
-        return self._class_table([float(c < eta) for c in self.class_counts], targets)
+    def tail_mask(self, eta: float, targets: Tensor) -> Tensor:
+        """1.0 for samples of a tail class (fewer than ``eta`` training samples), else 0.0."""
+        return self.class_table([float(c < eta) for c in self.class_counts], targets)
 
 
 class ImbSAM(ClassAware):
@@ -64,7 +68,7 @@ class ImbSAM(ClassAware):
         self.defaults.update(eta=eta, tail_weight=tail_weight)
 
     def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
-        tail = self._tail(self.eta, targets) / batch_size
+        tail = self.tail_mask(self.eta, targets) / batch_size
         return [Group(1.0 / batch_size - tail, self.tail_weight * tail, "rho")]
 
 
@@ -98,7 +102,7 @@ class SSESAM(ClassAware):
         return 2 if self.epoch >= self.gamma * self.epochs else 1
 
     def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
-        tail = self._tail(self.eta, targets) / batch_size
+        tail = self.tail_mask(self.eta, targets) / batch_size
         head_rho = "head_rho" if self.stage == 1 else 0.0
         return [Group(None, 1.0 / batch_size - tail, head_rho), Group(None, tail, "tail_rho")]
 
@@ -120,6 +124,6 @@ class FocalSAM(ClassAware):
         self.sharpness_weights = [lam * (1.0 - n / total) ** gamma for n in self.class_counts]
 
     def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
-        c = self._class_table(self.sharpness_weights, targets) / batch_size
+        c = self.class_table(self.sharpness_weights, targets) / batch_size
         return [Group(1.0 / batch_size - c, c, "rho")]
 

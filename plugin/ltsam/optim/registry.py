@@ -1,4 +1,10 @@
-"""Records that put the SAM family into timm's optimizer registry, one per name of ``ltsam_common.names``."""
+"""Records that put the SAM family into timm's optimizer registry, and the public way to add a method.
+
+``register(name, cls)`` is all a new method needs (a :class:`~ltsam.optim.engine.SAMFamily` subclass): after
+it, ``timm.optim.create_optimizer_v2(model, opt=name)``, ``timm.optim.list_optimizers()`` and train.py's
+``--opt name`` (with the defining module in ``--device-modules``) see it. timm keeps its registry private
+(``timm.optim._optim_factory.default_registry``); this module is the one place ltsam touches it.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +31,32 @@ SAM_FAMILY = tuple(
 )
 
 
-def register() -> None:
-    """Add the SAM family to timm's default registry (once: importing ltsam twice is harmless)."""
+def register(name: str, cls: type, description: str = "") -> OptimInfo:
+    """Add a SAM-family method to timm's optimizer registry under ``name`` and return its record.
+
+    ``name`` is lower case without '_' (timm reads ``a_b`` as optimizer b wrapped by a). Registering the same
+    class again is harmless (re-imported modules); another class under a taken name is refused.
+    """
+    from ltsam.optim.engine import SAMFamily
+
+    if not (isinstance(cls, type) and issubclass(cls, SAMFamily)):
+        raise TypeError(f"register('{name}', {cls!r}): the class must subclass ltsam.optim.SAMFamily")
+    if not name or name != name.lower() or "_" in name:
+        raise ValueError(f"register('{name}', ...): use a lower-case name without '_' (timm splits names on '_')")
+    if name in default_registry.list_optimizers():
+        known = default_registry.get_optimizer_info(name).opt_class
+        if known is cls or known == f"{cls.__module__}.{cls.__qualname__}":
+            return default_registry.get_optimizer_info(name)
+        raise ValueError(f"register('{name}', {cls.__qualname__}): timm already has an optimizer '{name}' ({known}); "
+                         "choose another name")
+    info = OptimInfo(name=name, opt_class=cls, description=description or (cls.__doc__ or "").strip().split("\n")[0],
+                     **_COMMON)
+    default_registry.register(info)
+    return info
+
+
+def register_family() -> None:
+    """Add ltsam's own methods to timm's default registry (once: importing ltsam twice is harmless)."""
     known = set(default_registry.list_optimizers())
     for info in SAM_FAMILY:
         if info.name not in known:

@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="BatchNorm over the global batch (SyncBatchNorm; GPUs only) instead of each process's")
     group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
                        help="how BatchNorm buffers are made equal across ranks at the end of each epoch")
+    group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="train the torch.compile'd model (backend, default inductor); SAM-family steps take one "
+                            "gradient per compiled forward; with BatchNorm only sam (others refused)")
     group.add_argument("--deepspeed-config", default=None,
                        help="train through DeepSpeed with this ds_config JSON (ZeRO 0, 1 or 2; bf16 or fp32)")
     group.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),

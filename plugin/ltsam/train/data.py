@@ -157,20 +157,25 @@ def _own_generator(seed: int) -> torch.Generator:
 
 
 def skipped_samples(*datasets: Dataset, gather: Callable[[dict], list[dict]] = lambda local: [local]) -> dict:
-    """For results.json: samples the shard readers skipped as corrupt (training and evaluation sets), in all and
-    by shard, summed over the ranks ``gather`` collects (``distributed.all_gather``: every rank calls it);
-    empty for data sets that are not shards."""
-    if not any(hasattr(d, "skipped_by_shard") for d in datasets):
+    """For results.json: the distinct samples the shard readers skipped as corrupt (training and evaluation
+    sets), in all and by shard, united over the ranks ``gather`` collects (``distributed.all_gather``: every
+    rank calls it), so a sample two ranks (or two epochs) skipped counts once; ``skip_events`` counts every skip.
+    Empty for data sets that are not shards."""
+    readers = [d for d in datasets if hasattr(d, "bad_samples")]
+    if not readers:
         return {}
-    local: dict[str, int] = {}
-    for dataset in datasets:
-        for shard, n in getattr(dataset, "skipped_by_shard", dict)().items():
-            local[shard] = local.get(shard, 0) + n
-    by_shard: dict[str, int] = {}
-    for counts in gather(local):
-        for shard, n in counts.items():
-            by_shard[shard] = by_shard.get(shard, 0) + n
-    return {"skipped_samples": sum(by_shard.values()), "skipped_by_shard": by_shard}
+    local: dict = {"bad": {}, "events": sum(d.skip_events for d in readers)}
+    for dataset in readers:
+        for shard, positions in dataset.bad_samples().items():
+            local["bad"].setdefault(shard, set()).update(positions)
+    bad: dict[str, set[int]] = {}
+    events = 0
+    for rank in gather(local):
+        events += rank["events"]
+        for shard, positions in rank["bad"].items():
+            bad.setdefault(shard, set()).update(positions)
+    by_shard = {shard: len(positions) for shard, positions in sorted(bad.items())}
+    return {"skipped_samples": sum(by_shard.values()), "skipped_by_shard": by_shard, "skip_events": events}
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

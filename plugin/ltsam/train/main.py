@@ -216,8 +216,11 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     criterion = create_loss(args.loss, counts, **args.loss_kwargs).to(device)
     optimizer = build_optimizer(args, model, counts_file)
     sam = isinstance(optimizer, SAMFamily)
+    if args.torchcompile and args.deepspeed_config:
+        raise SystemExit("ltsam train: --torchcompile with --deepspeed-config is not supported; drop one of them")
+    compiled = torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
     if sam:
-        optimizer.attach(model)
+        optimizer.attach(compiled)  # the engine plans one gradient per compiled forward
         dist_utils.broadcast_module(model)  # no DDP wrapper to do it: every rank starts from rank 0's weights
     amp_dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
     autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
@@ -234,13 +237,13 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     state = TrainState()
     saver = Saver(model, optimizer, args, model_ema, scheduler, scaler, state, out, args.checkpoint_hist) \
         if primary else None
-    forward_model, engine = model, None
+    forward_model, engine = compiled, None
     if args.deepspeed_config:
         engine = start_deepspeed(args, model, optimizer)
         if saver is not None:
             saver.engine = engine
     elif args.distributed and not sam:
-        forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        forward_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
     if resume is not None:  # after DeepSpeed starts: its engine loads its own files
         state = load_training_state(resume, model, optimizer, scheduler, scaler, model_ema, saver, args.rank, engine)
         if saver is not None:
@@ -249,7 +252,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
                           for k, (old, new) in resume.overridden.items())
         console.print(f"resumed from '{resume.path}' at epoch {state.epoch} (update {state.num_updates}"
                       f"{f', {state.skip} into the epoch' if state.skip else ''}){changed}")
-    ctx = StepContext(forward_model, model, optimizer, criterion, autocast, scaler, args.clip_grad, args.clip_mode,
+    ctx = StepContext(forward_model, compiled, optimizer, criterion, autocast, scaler, args.clip_grad, args.clip_mode,
                       engine, args.grad_accum_steps)
     meter = LongTailAccuracy(counts, (args.many_shot, args.few_shot))
 
