@@ -4,8 +4,8 @@ and Focal-SAM, and print the All / Many / Medium / Few table (Markdown; ``--tabl
 
     python tools/finetune_demo.py --out runs/finetune_demo --table docs/results/finetune_demo_cpu.md
 
-Every run is an ordinary ``ltsam train`` run folder under ``--out``; a finished run is reused, so an
-interrupted demo continues where it stopped.
+Every run is an ordinary ``ltsam train`` run folder under ``--out``, evaluated once, at its end, on the 10,000
+test images; a finished run is reused, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ DATA = os.environ.get("LTSAM_DATA", str(Path(__file__).resolve().parents[2] / "s
 VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=4", "depth=4",
        "embed_dim=96", "num_heads=3"]
 COMMON = ["--data-dir", DATA, "--dataset", "cifar10-lt", "--img-size", "32", "--train-aug", "crop-flip",
-          "--no-progress", "--workers", "0", "--device", "cpu", "--seed", "0"]
+          "--no-progress", "--workers", "0", "--device", "cpu", "--seed", "0", "--eval-interval", "1000"]
 
 
 def run(out: Path, name: str, flags: list[str]) -> dict:
