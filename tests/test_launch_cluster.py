@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import shlex
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 from launch_helpers import ENV, YAML, planned, srun_line
 
@@ -120,11 +120,11 @@ def test_hostile_values_stay_one_argument_each(tmp_path):
         assert expected in options
     script = tmp_path / "job.sbatch"
     script.write_text(text)
-    subprocess.run(["bash", "-n", str(script)], check=True)
+    processes.run(["bash", "-n", str(script)], check=True)
 
     env = {"PATH": f"{tools}:/usr/bin:/bin", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n[7-8]",
            "HOME": str(tmp_path / "home")}  # set, so an unquoted $HOME would show
-    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    run = processes.run(["bash", str(script)], env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
     assert f"srun-option --label={HOSTILE}" in run.stderr and "srun-option --cpus-per-task=64" in run.stderr

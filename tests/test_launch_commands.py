@@ -7,8 +7,8 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
+import processes
 import pytest
 from launch_helpers import ENV, ROOT, YAML, planned, srun_line
 
@@ -172,7 +172,7 @@ def test_slurm_script_expands_on_each_node(tmp_path):
                    "program.args.note=$${SLURM_JOB_ID}/a b")
     inner = shlex.split(srun_line(plan.files["launch-job.sbatch"]))[-1]
     env = {"SLURM_NNODES": "2", "HEAD_NODE": "node7", "SLURM_JOB_ID": "42", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run(["bash", "-c", inner], env=env, capture_output=True, text=True, check=True).stdout
+    out = processes.run(["bash", "-c", inner], env=env, check=True).stdout
     assert out.startswith("--nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=node7:29500 "
                           "--rdzv-id=42 ")
     assert "--note 42/a b" in out
@@ -219,14 +219,14 @@ def test_slurm_script_requeues_at_the_stop_signal(tmp_path):
     (tmp_path / "job.sbatch").write_text(script)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(log), "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n1",
            "SLURM_NNODES": "1"}
-    job = subprocess.Popen(["bash", str(tmp_path / "job.sbatch")], env=env, cwd=tmp_path,
-                           stderr=subprocess.PIPE, text=True)
-    while job.poll() is None and not (log.is_file() and "step started" in log.read_text()):
-        time.sleep(0.05)  # the step must be running before the signal comes
-    job.send_signal(signal.SIGUSR1)
-    assert job.wait(timeout=30) == 75
+    with processes.started(["bash", str(tmp_path / "job.sbatch")], env=env, cwd=tmp_path,
+                           stderr=subprocess.PIPE) as job:  # the step must be running before the signal comes
+        processes.wait_until(lambda: log.is_file() and "step started" in log.read_text(), job)
+        job.send_signal(signal.SIGUSR1)
+        _, err = processes.finish(job)
+    assert job.returncode == 75
     assert log.read_text().splitlines() == ["step started", "step got TERM", "scontrol requeue 42"]
-    assert "requeueing job 42" in job.stderr.read()
+    assert "requeueing job 42" in err
     no_requeue = planned(YAML / "imagenet_lt_r50_ssesam_slurm.yaml", "launcher.slurm.requeue=false")
     assert "--requeue" not in no_requeue.files["launch-job.sbatch"] and "--resume auto" not in srun_line(
         no_requeue.files["launch-job.sbatch"])
@@ -237,7 +237,7 @@ def test_launcher_never_imports_torch():
             "assert 'ltsam_common.names' in sys.modules and 'ltsam_common.yamlio' in sys.modules; "
             "assert not any(m in ('torch', 'ltsam') or m.startswith(('torch.', 'ltsam.')) for m in sys.modules), "
             "'imported'")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    processes.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_imagenet_focalsam_recipe_has_its_stepped_radius():

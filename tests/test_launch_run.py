@@ -9,8 +9,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from contextlib import AbstractContextManager
 
+import processes
 import pytest
 from launch_helpers import ROOT, YAML, write
 
@@ -55,10 +56,11 @@ launcher:
 """)
 
 
-def launch(path, *overrides) -> subprocess.Popen[str]:
+def launch(path, *overrides) -> AbstractContextManager[subprocess.Popen[str]]:
+    """The launcher in its own process group, killed whole (with what it started) when the block ends."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    return subprocess.Popen([sys.executable, "-m", "ltsam_launch.cli", str(path), *overrides], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return processes.started([sys.executable, "-m", "ltsam_launch.cli", str(path), *overrides], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 @pytest.mark.parametrize("code", [0, 3])
@@ -74,13 +76,11 @@ def test_exit_code_and_files_written(tmp_path, code):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_is_forwarded_and_child_code_returned(tmp_path, sig):
     (tmp_path / "out").mkdir()
-    proc = launch(recipe(tmp_path, CHILD, "  kind: local", -1))
-    deadline = time.monotonic() + 20
-    while not (tmp_path / "out" / "ready").exists():
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    assert proc.wait(timeout=20) == 7
+    with launch(recipe(tmp_path, CHILD, "  kind: local", -1)) as proc:
+        processes.wait_until((tmp_path / "out" / "ready").exists, proc)
+        proc.send_signal(sig)
+        processes.finish(proc)
+    assert proc.returncode == 7
     assert (tmp_path / "out" / "got").read_text() == sig.name
 
 
@@ -94,8 +94,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     (tmp_path / "out").mkdir()
     path = recipe(tmp_path, WORLD, "  kind: torchrun\n  env: {OMP_NUM_THREADS: '1'}\n"
                                    "  torchrun: {nproc_per_node: 2, rdzv_backend: c10d, rdzv_endpoint: 'localhost:0'}")
-    proc = launch(path, "~program.args.exit_code")
-    _, err = proc.communicate(timeout=120)
+    with launch(path, "~program.args.exit_code") as proc:
+        _, err = processes.finish(proc)
     assert proc.returncode == 0, err[-3000:]
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks == [{"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "sum": 3.0} for r in (0, 1)]
@@ -105,23 +105,24 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 def test_deepspeed_two_processes_on_cpu(tmp_path):
     (tmp_path / "out").mkdir()
     script = WORLD.replace('dist.init_process_group("gloo")', "import deepspeed; deepspeed.init_distributed()")
+    port = processes.free_port()  # the deepspeed runner's rendezvous: a port the OS says is free, never a fixed one
     path = recipe(tmp_path, script, "  kind: deepspeed\n  env: {DS_ACCELERATOR: cpu, OMP_NUM_THREADS: '1'}\n"
-                                    "  deepspeed: {num_gpus: 2, zero_stage: 1, master_port: 29561}")
-    proc = launch(path, "~program.args.exit_code", "global_batch_size=4")
-    _, err = proc.communicate(timeout=180)
+                                    f"  deepspeed: {{num_gpus: 2, zero_stage: 1, master_port: {port}}}")
+    with launch(path, "~program.args.exit_code", "global_batch_size=4") as proc:
+        _, err = processes.finish(proc)
     assert proc.returncode == 0, err[-3000:]
     assert json.loads((tmp_path / "out" / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 2
     assert [json.loads((tmp_path / "out" / f"rank{r}.json").read_text())["WORLD_SIZE"] for r in (0, 1)] == ["2"] * 2
 
 
 def _trainer_available() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import ltsam.train"], capture_output=True)
+    probe = processes.run([sys.executable, "-c", "import ltsam.train"])
     return probe.returncode == 0 and importlib.util.find_spec("ltsam.train.__main__") is not None
 
 
 @pytest.mark.skipif(not _trainer_available(), reason="ltsam.train (the trainer) is not there yet")
 def test_quickstart_runs_through_ltsam_train(tmp_path):
-    proc = launch(YAML / "quickstart.yaml", f"program.args.output={tmp_path}", "program.args.epochs=1")
-    _, err = proc.communicate(timeout=600)
+    with launch(YAML / "quickstart.yaml", f"program.args.output={tmp_path}", "program.args.epochs=1") as proc:
+        _, err = processes.finish(proc)
     assert proc.returncode == 0, err[-3000:]
     assert (tmp_path / "launch-recipe.yaml").exists()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
+import processes
 import pytest
 from launch_helpers import ROOT, YAML, planned, write
 
@@ -130,8 +130,7 @@ def test_slurm_rejects_what_slurm_decides():
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     path = write(tmp_path / "r.yaml", PROGRAM + "launchr: {kind: local}\n")
-    result = subprocess.run([sys.executable, "-m", "ltsam_launch.cli", str(path), "--dry-run"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = processes.run([sys.executable, "-m", "ltsam_launch.cli", str(path), "--dry-run"], cwd=ROOT)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"ltsam-launch: {path}:4: launchr = {{'kind': 'local'}}: unknown key; "
                              "did you mean 'launcher'?\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import processes
 import pytest
 import torch
 import torch.distributed as dist
@@ -81,7 +82,8 @@ def test_class_without_test_samples_and_bad_targets():
 def test_ddp_reduction_matches_single_process(tmp_path):
     out = tmp_path / "ddp.json"
     # fork: the children inherit the imported modules instead of re-importing torch and timm (seconds each)
-    mp.start_processes(_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, start_method="fork")
+    processes.join(mp.start_processes(_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=False,
+                                      start_method="fork"))
     distributed = json.loads(out.read_text())
     single = _score(*_data())
     assert distributed["per_class_total"] == single["per_class_total"] and distributed["num_samples"] == 100

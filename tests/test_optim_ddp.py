@@ -4,11 +4,9 @@ alone), and SyncBatchNorm's replay uses the statistics of both."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import processes
 import torch
 from ddp_worker import METHODS, train
 from torch import nn
@@ -18,11 +16,8 @@ HERE = Path(__file__).parent
 
 def test_two_processes_equal_one(tmp_path):
     out = tmp_path / "ddp.pt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "ddp_worker.py"), str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    cmd = [*processes.torchrun(2), str(HERE / "ddp_worker.py"), str(out)]
+    result = processes.run(cmd, env=processes.env_with(tests_on_path=True))
     assert result.returncode == 0, result.stderr[-3000:]
     distributed = torch.load(out, weights_only=True)
     runs = [(name, train(name, kwargs)) for name, kwargs in METHODS.items()]

@@ -3,11 +3,9 @@ same updates as one plain process with the whole batch."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import processes as children
 import pytest
 import timm
 import torch
@@ -20,11 +18,8 @@ HERE = Path(__file__).parent
 
 
 def run_deepspeed(stage: int, processes: int, out: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           str(HERE / "deepspeed_worker.py"), str(stage), str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    cmd = [*children.torchrun(processes), str(HERE / "deepspeed_worker.py"), str(stage), str(out)]
+    result = children.run(cmd, env=children.env_with({"DS_ACCELERATOR": "cpu"}, tests_on_path=True))
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out, weights_only=True)
 

@@ -14,13 +14,12 @@ import importlib.util
 import inspect
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import processes
 import pytest
 import timm
 import torch
@@ -443,17 +442,11 @@ def _train_py(tag: str, cwd: Path, *extra: str, env: dict | None = None, nproc: 
     workers = "0" if version.parse(tag.lstrip("v")) >= version.parse("1.0.29.dev0") else "1"
     launch = [sys.executable]
     if nproc > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                   "--master_port", str(port)]
+        launch = processes.torchrun(nproc)
     command = [*launch, str(train_py(tag)), "--device-modules", *modules, "--data-dir", "data",
                "--train-split", "train", "--model", "test_resnet", "--num-classes", "4", "--workers", workers,
                "--device", "cpu", "--lr", "0.05", "--warmup-epochs", "0", "--output", "out", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]), **(env or {})}
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    done = processes.run(command, cwd=cwd, env=processes.env_with(env, tests_on_path=True))
     output = done.stdout + done.stderr
     if check:
         assert done.returncode == 0, output[-3000:]

@@ -161,6 +161,7 @@ def test_torchcompile_trains_sam_as_the_eager_run_and_refuses_imbsam_with_batchn
     assert eager.keys() == compiled.keys()
     for key, value in eager.items():
         torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    with pytest.raises(ValueError, match="ImbSAM on a compiled model with batch-coupled layers.*--torchcompile"):
+    with pytest.raises(ValueError, match="ImbSAM on a compiled model whose passes forward the whole batch.*"
+                                         "--torchcompile"):
         run(tmp_path, "--opt", "imbsam", "--eta", "20", "--epochs", "1", "--torchcompile", "aot_eager",
             experiment="refused")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from contextlib import nullcontext
 
 import official
@@ -232,18 +231,11 @@ def test_clip_grad_in_timms_train_py_clips_the_same_update_as_ltsam_train(tmp_pa
 def test_clip_grad_under_deepspeed_clips_the_same_update_direction(tmp_path):
     """DeepSpeed's gradient_clipping (from --clip-grad) clips the surrogate gradient, which is G."""
     pytest.importorskip("deepspeed")
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    import processes
     from ddp_worker import METHODS
 
-    here = Path(__file__).parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           str(here / "deepspeed_clip_worker.py"), str(tmp_path / "ds.pt")]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    cmd = [*processes.torchrun(1), str(processes.TESTS / "deepspeed_clip_worker.py"), str(tmp_path / "ds.pt")]
+    result = processes.run(cmd, env=processes.env_with({"DS_ACCELERATOR": "cpu"}, tests_on_path=True))
     assert result.returncode == 0, result.stderr[-3000:]
     torch.manual_seed(0)
     model = conv_gn_net()

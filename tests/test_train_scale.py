@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
+import processes
 import pytest
 import torch
 from PIL import Image
@@ -129,10 +127,9 @@ def test_bad_scale_and_list_flags(tmp_path, capsys, flags, message):
 def test_sync_bn_on_two_gloo_ranks_is_refused_before_training(tmp_path):
     """torch's SyncBatchNorm has no CPU kernel (it raises at the first training forward): with 2 gloo ranks
     --sync-bn stops at start-up, on every rank, with the reason."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ltsam.train",
+    cmd = [*processes.torchrun(2), "-m", "ltsam.train",
            "--n-max", "60", "-b", "16", "--epochs", "1", "--no-progress", "--sync-bn", "--output", str(tmp_path)]
-    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                            timeout=300)
+    result = processes.run(cmd, env=processes.env_with())
     assert result.returncode != 0
     refusal = "--sync-bn: torch's SyncBatchNorm does not run on CPU (gloo)"
     assert result.stderr.count(refusal) == 2, result.stderr[-3000:]
@@ -143,11 +140,9 @@ def test_accumulation_under_ddp_equals_the_whole_batch(tmp_path):
     """2 gloo ranks, plain SGD through DDP (all-reduce skipped with no_sync until the last micro-batch): both
     ranks end with the weights of the whole per-rank batch; a missed all-reduce would leave them apart."""
     def torchrun(experiment: str, *flags: str) -> dict:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "ltsam.train", *VIT, "--epochs", "1", "--eval-interval", "1", "--output", str(tmp_path),
-               "--experiment", experiment, *flags]
-        done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                              timeout=300)
+        cmd = [*processes.torchrun(2), "-m", "ltsam.train", *VIT, "--epochs", "1", "--eval-interval", "1",
+               "--output", str(tmp_path), "--experiment", experiment, *flags]
+        done = processes.run(cmd, env=processes.env_with())
         assert done.returncode == 0, done.stderr[-3000:]
         return torch.load(tmp_path / experiment / "last.pth.tar", map_location="cpu", weights_only=True)
 

@@ -2,7 +2,8 @@
 
 from ltsam.optim.engine import Group, PassPlan, SAMFamily
 from ltsam.optim.methods import SAM, SSESAM, ClassAware, FocalSAM, ImbSAM
+from ltsam.optim.protocol import unwrap
 from ltsam.optim.registry import SAM_FAMILY, register, register_family
 
 __all__ = ["SAM", "SSESAM", "ClassAware", "FocalSAM", "Group", "ImbSAM", "PassPlan", "SAMFamily", "SAM_FAMILY",
-           "register", "register_family"]
+           "register", "register_family", "unwrap"]

@@ -54,6 +54,11 @@ forward at w + NaN would poison them). Parameters are restored by copy and momen
 all-reduce for all perturbation directions of the step, one for the update G at the end (all-reduce is
 linear, so summing before reducing gives the same G up to float rounding).
 
+**Calling conventions** (:mod:`ltsam.optim.protocol`). A closure that takes an index gets subset forwards; one
+that takes none runs the whole batch (the plan then forwards every sample); a closure that returns a scalar has
+back-propagated itself (davda54's classic closure, ``sam`` / ASAM only): the engine perturbs along ``p.grad``,
+runs it again at w + eps and steps, as :meth:`SAMFamily.first_step` / :meth:`SAMFamily.second_step` do.
+
 **Host syncs.** At most one per step: reading which samples each weighting touches (and the label checks)
 to decide the plan; none when every weight is a float (SAM). Norms, radii, the BN cumulative-average weight
 and the skip counter stay on the device (``skipped_steps`` reads the counter when asked). ``scaler.step``
@@ -63,13 +68,14 @@ itself reads its inf flag, as it does for any optimizer.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 
 import torch
 import torch.distributed as dist
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_info
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import SyncBatchNorm
 
@@ -82,6 +88,7 @@ from ltsam.optim.batchnorm import (
     buffers_of,
     is_distributed,
 )
+from ltsam.optim.protocol import OptimizerProtocol, SharedState, accumulation_refused, takes_index
 from ltsam.optim.radius import RadiusScheduler, check_radius_schedule, create_radius_scheduler
 
 # closure(index=None) -> per-sample losses; with an index tensor, losses of that subset of the batch only
@@ -182,7 +189,7 @@ class PassPlan:
         return "\n".join(lines)
 
 
-class SAMFamily(torch.optim.Optimizer):
+class SAMFamily(OptimizerProtocol):
     """Base class of the SAM-family optimizers: wraps any timm optimizer and owns the SAM passes.
 
     Subclasses declare their radii (:meth:`add_radii`) and implement :meth:`groups`. The base optimizer
@@ -196,7 +203,7 @@ class SAMFamily(torch.optim.Optimizer):
     def __init__(
         self,
         params,
-        base: str = "sgd",
+        base: str | type[torch.optim.Optimizer] = "sgd",
         adaptive: bool = False,
         bn_mode: str = "reference",
         subset_forward: bool | None = None,
@@ -206,19 +213,22 @@ class SAMFamily(torch.optim.Optimizer):
         rho_decay_milestones: int | Sequence[int] = (),
         rho_decay_rate: float = 0.1,
         rho_min: float = 0.0,
+        eps: float | None = None,
+        betas: tuple[float, ...] | None = None,
+        momentum: float | None = None,
         **base_kwargs,
     ) -> None:
+        self._shared = SharedState()
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode='{bn_mode}' is not one of {BN_MODES}")
-        if "_" in base or base.replace("-", "") in _SAM_NAMES:
-            raise ValueError(f"base='{base}' must be a plain timm optimizer name such as 'sgd', 'momentum' or 'adamw'")
         # the radius schedule (options named as ltsam train's --rho-* flags), applied by set_epoch / next_epoch
         self.radius_schedule = dict(sched=rho_sched, decay_epochs=rho_decay_epochs, decay_rate=rho_decay_rate,
                                     min_rho=rho_min, decay_milestones=check_radius_schedule(
                                         rho_sched, epochs, rho_decay_epochs, rho_decay_milestones, rho_decay_rate,
                                         rho_min))
         try:
-            self.base_optimizer = create_optimizer_v2(params, opt=base, **base_kwargs)
+            self.base_optimizer = _create_base(params, base, dict(eps=eps, betas=betas, momentum=momentum),
+                                               base_kwargs)
         except TypeError as err:
             raise TypeError(
                 f"{type(self).__name__}: an option is neither one of its own nor one of base optimizer "
@@ -231,7 +241,8 @@ class SAMFamily(torch.optim.Optimizer):
         # the param group of each, for its radius
         self._model_params = [p for group in self.param_groups for p in group["params"]]
         self._group_of = [i for i, group in enumerate(self.param_groups) for _ in group["params"]]
-        self.defaults.update(base=base, adaptive=adaptive, bn_mode=bn_mode)
+        base_name = base if isinstance(base, str) else f"{base.__module__}.{base.__qualname__}"
+        self.defaults.update(base=base_name, adaptive=adaptive, bn_mode=bn_mode)
         self.radius_names: tuple[str, ...] = ()
         self.adaptive = adaptive
         self.bn_mode = bn_mode
@@ -243,18 +254,13 @@ class SAMFamily(torch.optim.Optimizer):
         self._last_finite: Tensor | None = None
         self._checks: list[tuple[Tensor, Callable[[], Exception]]] = []
         self.last_passes = PassCount()
-        self._model: nn.Module | None = None
+        self._model = None
         self._policy_log = PolicyLog()
 
     @classmethod
     def _own_options(cls) -> list[str]:
-        names = []
-        for klass in cls.__mro__:
-            if klass is torch.optim.Optimizer:
-                break
-            code = klass.__init__.__code__
-            names += [n for n in code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount] if n != "params"]
-        return sorted(set(names))
+        parameters = inspect.signature(cls.__init__).parameters.values()  # merged: see protocol.merged_signature
+        return sorted(p.name for p in parameters if p.kind is not p.VAR_KEYWORD and p.name not in ("self", "params"))
 
     # -- what a method defines -------------------------------------------------------------------------
     def groups(self, targets: Tensor | None, batch_size: int, device: torch.device) -> list[Group]:
@@ -311,6 +317,10 @@ class SAMFamily(torch.optim.Optimizer):
         if self._radius_scheduler is not None:
             self._radius_scheduler.step(self.epoch)
 
+    def _rebuild_radius_scheduler(self) -> None:
+        """A copy's rho_sched scheduler: rebuilt for the copy's epoch (the radii are a function of it)."""
+        self.set_epoch(self.epoch)
+
     def scheduled_radii(self) -> dict[str, float]:
         """The radii ``rho_sched`` set last (first param group), e.g. for the epoch summary; empty without a
         schedule."""
@@ -335,11 +345,14 @@ class SAMFamily(torch.optim.Optimizer):
         self._group_of += [len(self.param_groups) - 1] * len(group["params"])
 
     def state_dict(self) -> dict:
-        state = self.base_optimizer.state_dict()
-        state["ltsam"] = self.method_state()
-        return state
+        """The base optimizer's state dict plus ``"ltsam"`` (the method's state); hooks registered on this
+        optimizer (``register_state_dict_pre_hook`` / ``_post_hook``) run as torch's own state_dict runs them."""
+        return self._state_dict_with_hooks(lambda: {**self.base_optimizer.state_dict(), "ltsam": self.method_state()})
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._load_state_dict_with_hooks(state_dict, self._load_state_dict)
+
+    def _load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         self.load_method_state(state_dict.pop("ltsam", {}))
         self.base_optimizer.load_state_dict(state_dict)
@@ -368,6 +381,10 @@ class SAMFamily(torch.optim.Optimizer):
         the summed gradient is unscaled once by ``scaler.step`` and a step with inf/NaN is skipped (and
         counted in ``skipped_steps``); the engine also calls ``scaler.update()``. ``micro_batches=N``
         accumulates the batch in N chunks with the same update (module docstring).
+
+        A closure that takes no argument is called for the whole batch (Lightning's and Accelerate's closures);
+        for ``sam`` / ASAM it may also be the classic one (zero_grad, forward, backward, return the loss), as in
+        davda54/sam. ``targets`` may come from :meth:`set_targets` instead.
         """
         params, total, loss_value = self.sam_gradient(closure, targets, scaler, micro_batches)
         for p, g in zip(params, total):
@@ -378,6 +395,7 @@ class SAMFamily(torch.optim.Optimizer):
             scaler.update()
         else:
             self.base_optimizer.step()
+        self.last_loss = loss_value
         return loss_value
 
     @torch.no_grad()
@@ -393,8 +411,20 @@ class SAMFamily(torch.optim.Optimizer):
         Returns (params, G, mean loss). ``step()`` applies G with the base optimizer; a trainer that owns
         the update (DeepSpeed's engine, ``ltsam.timm``) applies it itself, e.g. by back-propagating sum(p * G).
         """
+        targets = self._take_targets(targets)
         self._check_call(closure, targets, micro_batches)
         params = [p for p in self._model_params if p.requires_grad]
+        whole = not takes_index(closure)
+        if whole and micro_batches > 1:
+            raise ValueError(f"micro_batches={micro_batches} needs a closure that takes the sample indices "
+                             "(closure(index=None)): a closure without arguments can only run the whole batch")
+        if self._model is None:
+            if whole:  # a classic closure needs no model; anything else is refused by _check_model
+                with torch.enable_grad():
+                    loss = closure()
+                if isinstance(loss, Tensor) and loss.dim() == 0:
+                    return self._classic_gradient(closure, loss, params, scaler, FrozenMomentum([]))
+            self._check_model()
         policy = batch_policy(self._model)
         self._policy_log(policy, self.subset_forward)
         coupled = policy.coupled if self.subset_forward is None else not self.subset_forward
@@ -412,13 +442,18 @@ class SAMFamily(torch.optim.Optimizer):
         self.last_passes = PassCount.zero(micro_batches)
 
         first = None
-        if targets is None:  # no labels (plain SAM): the batch size comes from the first forward
+        if targets is None or whole:  # no labels: the batch size comes from the first forward
             with torch.enable_grad(), recorder:
-                first = self._forward(closure, None, None, chunk=0)
+                losses = closure()
+            if isinstance(losses, Tensor) and losses.dim() == 0:  # the classic closure: it back-propagated
+                frozen = policy.replayable if self.bn_mode == "freeze" else []
+                return self._classic_gradient(closure, losses, params, scaler, FrozenMomentum(frozen))
+            first = self._checked(losses, None if targets is None else targets.shape[0], None, chunk=0)
+        if targets is None:
             batch_size, device = first.shape[0], first.device
         else:
             batch_size, device = targets.shape[0], targets.device
-        plan = self._plan(targets, batch_size, micro_batches, device, split=not coupled,
+        plan = self._plan(targets, batch_size, micro_batches, device, split=not coupled and not whole,
                           reuse_first=first is not None, replay=bool(recorder.layers),
                           one_vjp_per_forward=is_compiled(self._model))
         total, loss_value = self._execute(plan, closure, params, scale, first, recorder, policy)
@@ -428,6 +463,73 @@ class SAMFamily(torch.optim.Optimizer):
             for buffer, saved in zip(protected, before):
                 buffer.copy_(torch.where(self._last_finite, buffer, saved))
         return params, total, loss_value
+
+    def _classic_gradient(self, closure: Callable[[], Tensor], loss: Tensor, params: list[Tensor],
+                          scaler: torch.amp.GradScaler | None, frozen: FrozenMomentum,
+                          ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """davda54's two passes for a closure that back-propagates itself (it has just run at w): perturb along
+        p.grad, run it again at w + eps (BatchNorm momentum 0 there with ``bn_mode="freeze"``), come back to w.
+        With a GradScaler the closure scales its own backward (``scaler.scale(loss).backward()``)."""
+        self._two_pass_group("a closure that calls backward itself")
+        self.last_passes = PassCount.zero(1)
+        self.last_passes.add(0, forward=1, backward=1)
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad(), frozen:
+                closure()
+        finally:
+            self._restore()
+        self.last_passes.add(0, forward=1, backward=1)
+        total = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        if scaler is not None and scaler.is_enabled():
+            self._last_finite = torch.stack(torch._foreach_norm(total, float("inf"))).isfinite().all()
+        return params, total, loss.detach()
+
+    # -- davda54's two-pass form (sam / ASAM) ------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to w + eps along the gradients now in ``p.grad`` (after your ``loss.backward()`` at w), as
+        davda54/sam's ``first_step``; then run your second forward and backward and call :meth:`second_step`.
+        Only for methods with one group perturbed over every sample (``sam`` / ASAM): the class-aware methods
+        need per-sample losses and ``step(closure, targets=y)``."""
+        group = self._two_pass_group("first_step()")
+        if self._shared.backup is not None:
+            raise RuntimeError(f"{type(self).__name__}.first_step() called twice: call second_step() in between")
+        params = [p for p in self._model_params if p.requires_grad]
+        if all(p.grad is None for p in params):
+            raise RuntimeError(f"{type(self).__name__}.first_step() needs the gradients at w in p.grad: call "
+                               "loss.backward() first")
+        direction = [torch.zeros_like(p) if p.grad is None else p.grad.detach().to(p.dtype, copy=True)
+                     for p in params]
+        self._shared.backup = [p.detach().clone() for p in params]
+        self._perturb(params, direction, group.rho)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Back to w, then the base optimizer's step with the gradients at w + eps now in ``p.grad``. To clip,
+        call ``clip_grad_norm_`` between your second backward and this call."""
+        self._restore()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def _restore(self) -> None:
+        backup, self._shared.backup = self._shared.backup, None
+        if backup is None:
+            raise RuntimeError(f"{type(self).__name__}.second_step() without first_step(): the weights are at w")
+        torch._foreach_copy_([p for p in self._model_params if p.requires_grad], backup)
+
+    def _two_pass_group(self, what: str) -> Group:
+        groups = [] if self.needs_targets else self.groups(None, 1, torch.device("cpu"))
+        if len(groups) != 1 or groups[0].unperturbed is not None or not isinstance(groups[0].perturbed, float):
+            name = type(self).__name__
+            raise RuntimeError(
+                f"{name}: {what} is SAM / ASAM's two-pass form (one perturbation along the whole batch's gradient); "
+                f"{name} weights each sample by its class, so it needs a closure returning per-sample losses "
+                "(criterion with reduction='none') and step(closure, targets=y) or opt.set_targets(y)")
+        return groups[0]
 
     def plan(self, targets: Tensor, micro_batches: int = 1) -> PassPlan:
         """The pass plan of a batch with these labels (what ``step`` would run), for inspection."""
@@ -462,10 +564,12 @@ class SAMFamily(torch.optim.Optimizer):
         split_at_w = split and not reuse_first and support.disjoint([bits for _, _, bits in at_w])
         if one_vjp_per_forward and not split and len(at_w) > 1:
             raise ValueError(
-                f"{type(self).__name__} on a compiled model with batch-coupled layers (BatchNorm): this step needs "
+                f"{type(self).__name__} on a compiled model whose passes forward the whole batch (batch-coupled "
+                "layers such as BatchNorm, or a closure without an index argument): this step needs "
                 f"{len(at_w)} gradients of one forward at w, which a compiled graph gives only once, and a repeated "
                 "compiled forward with BatchNorm was not exact in ltsam's checks; train this model uncompiled "
-                "(drop --torchcompile), or compile a model without BatchNorm (LayerNorm/GroupNorm, ViTs)"
+                "(drop --torchcompile), or compile a model without BatchNorm (LayerNorm/GroupNorm, ViTs) and give "
+                "the closure an index argument"
             )
 
         passes = []
@@ -548,6 +652,12 @@ class SAMFamily(torch.optim.Optimizer):
                  grad: bool = True) -> Tensor:
         with torch.set_grad_enabled(grad):
             losses = closure() if index is None else closure(index)
+        return self._checked(losses, expected, index, chunk)
+
+    def _checked(self, losses: Tensor, expected: int | None, index: Tensor | None, chunk: int) -> Tensor:
+        if not isinstance(losses, Tensor):
+            raise TypeError(f"the closure returned {type(losses).__name__}; SAM-family optimizers need a tensor of "
+                            "per-sample losses (reduction='none')")
         if losses.dim() != 1:
             raise ValueError(
                 f"the closure returned a loss of shape {tuple(losses.shape)}; SAM-family optimizers need "
@@ -608,25 +718,37 @@ class SAMFamily(torch.optim.Optimizer):
         torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
     def _check_call(self, closure: LossClosure | None, targets: Tensor | None, micro_batches: int) -> None:
+        name = type(self).__name__
         if closure is None:
+            pending = " (first_step() is pending: call second_step())" if self._shared.backup is not None else ""
+            two_pass = "" if self.needs_targets else (
+                ", or the classic closure (zero_grad, forward, backward, return the loss), or first_step() / "
+                "second_step() around your own second backward")
             raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure that returns per-sample losses, e.g. "
+                f"{name}.step() needs a closure that returns per-sample losses, e.g. "
                 "opt.step(lambda idx=None: criterion(model(x if idx is None else x[idx]), "
-                "y if idx is None else y[idx]), targets=y); without it no SAM update is possible"
+                f"y if idx is None else y[idx]), targets=y){two_pass}; without it no SAM update is possible: "
+                f"the gradient at w + eps needs another forward{pending}"
             )
+        refused = accumulation_refused()
+        if refused:
+            raise RuntimeError(f"{name}.step() inside {refused}")
         if self.needs_targets and targets is None:
-            raise RuntimeError(f"{type(self).__name__}.step() needs targets=<labels of the batch>")
-        if self._model is None:
-            raise RuntimeError(
-                f"{type(self).__name__} has no model attached: call opt.attach(model) once before training "
-                "(it keeps BatchNorm buffers exact and allows subset forwards)"
-            )
+            raise RuntimeError(f"{name}.step() needs targets=<labels of the batch> (or opt.set_targets(y) before "
+                               "a step whose call cannot carry them)")
         if not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches!r} must be an integer >= 1")
         if micro_batches > 1 and targets is None:
             raise ValueError(
                 f"micro_batches={micro_batches} needs targets=<labels of the batch> (or any tensor with one "
                 "row per sample): the engine must know the batch size before the first chunk's forward"
+            )
+
+    def _check_model(self) -> None:
+        if self._model is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no model attached: call opt.attach(model) once before training "
+                "(it keeps BatchNorm buffers exact and allows subset forwards)"
             )
 
 
@@ -689,6 +811,24 @@ class _Support:
         # the selected samples in order, found on the device without a sync (count is known on the host)
         selected = (self.device_code[start:end] & bits) != 0
         return start + torch.argsort(selected.logical_not().to(torch.uint8), stable=True)[:count], count
+
+
+def _create_base(params, base: str | type[torch.optim.Optimizer], common: dict[str, object],
+                 options: dict[str, object]) -> torch.optim.Optimizer:
+    """The base optimizer: a timm name through timm's factory, or an optimizer class (torch's or timm's) called
+    directly. ``eps``, ``betas`` and ``momentum`` reach it only when it takes them, as timm's factory does."""
+    if isinstance(base, str):
+        if "_" in base or base.replace("-", "") in _SAM_NAMES:
+            raise ValueError(f"base='{base}' must be a plain timm optimizer name such as 'sgd', 'momentum' or 'adamw'")
+        info = get_optimizer_info(base)
+        given = {k: v for k, v in common.items() if v is not None and getattr(info, f"has_{k}")}
+        return create_optimizer_v2(params, opt=base, **given, **options)
+    if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)) or issubclass(base, SAMFamily):
+        raise ValueError(f"base={base!r} must be a timm optimizer name (e.g. 'momentum') or a torch.optim.Optimizer "
+                        "class that is not itself SAM-family (e.g. torch.optim.SGD)")
+    accepted = inspect.signature(base).parameters
+    given = {k: v for k, v in common.items() if v is not None and k in accepted}
+    return base(params, **given, **options)
 
 
 def _zeros(params: list[Tensor]) -> list[Tensor]:

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ltsam.counts import CountsLike, load_class_counts
 from ltsam.optim.engine import Group, SAMFamily, check_targets, out_of_range
+from ltsam.optim.protocol import refuse_positional_base
 
 
 class SAM(SAMFamily):
@@ -15,6 +16,7 @@ class SAM(SAMFamily):
     needs_targets = False
 
     def __init__(self, params, rho: float = 0.05, adaptive: bool = False, **kwargs) -> None:
+        refuse_positional_base(type(self).__name__, "rho", rho)
         super().__init__(params, adaptive=adaptive, **kwargs)
         self.add_radii(rho=rho)
 
@@ -26,6 +28,7 @@ class ClassAware(SAMFamily):
     """A method that reads per-class training counts (a list or a JSON file)."""
 
     def __init__(self, params, class_counts: CountsLike | None = None, **kwargs) -> None:
+        refuse_positional_base(type(self).__name__, "class_counts", class_counts)
         if class_counts is None:
             raise ValueError(
                 f"{type(self).__name__} needs class_counts: a list of per-class training counts or a JSON "

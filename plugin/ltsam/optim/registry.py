@@ -13,7 +13,8 @@ from timm.optim._optim_factory import default_registry
 
 from ltsam_common.names import SAM_METHODS
 
-# eps, betas and momentum all reach the wrapper, which hands them to the base optimizer's own timm record
+# every method's signature names eps, betas and momentum (protocol.merged_signature), which the engine hands to
+# its base optimizer when the base takes them
 _COMMON = dict(has_eps=True, has_betas=True, has_momentum=True, defaults={"base": "sgd"})
 
 # class in ltsam.optim.methods and description, per method name (a name without an entry fails at import)

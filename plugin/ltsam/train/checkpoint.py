@@ -3,9 +3,12 @@
 timm's saver already writes ``tmp.pth.tar`` and ``os.replace``-s it onto ``last.pth.tar`` (atomic), then
 hard-links ranked copies. This subclass adds the scheduler, the GradScaler, the update count and every rank's
 RNG state, and stores ``args`` as a plain dict so the file loads with ``weights_only=True``. A checkpoint
-written at a stop signal also holds the position inside the epoch. Under DeepSpeed the engine's own
-``save_checkpoint`` writes the (partitioned) optimizer state into ``deepspeed/<tag>`` first, on every rank;
-ltsam's file then names that tag and holds the rest (RNG, SSE-SAM stage, EMA, scheduler, position).
+written at a stop signal also holds the position inside the epoch. Buffers (BatchNorm running statistics) differ
+between ranks whenever each rank has normalised its own batches since they were last made equal (inside an epoch;
+always with ``--dist-bn ''``): the file then holds every rank's, and each rank resumes with its own. Under
+DeepSpeed the engine's own ``save_checkpoint`` writes the (partitioned) optimizer state into ``deepspeed/<tag>``
+first, on every rank; ltsam's file then names that tag and holds the rest (RNG, SSE-SAM stage, EMA, scheduler,
+position).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Saver(CheckpointSaver):
         self.scaler = scaler
         self.train_state = train_state
         self.pending_rng: list[dict] | None = None  # every rank's RNG state, gathered just before a save
+        self.pending_buffers: list[dict] | None = None  # every rank's buffers, when they differ between ranks
+        self.class_counts: list[int] | None = None  # what the class-aware pieces were built from, by content
         self.engine = None  # a DeepSpeed engine: its own files hold the optimizer state
         self.deepspeed_tag: str | None = None
         self.position: dict | None = None  # where inside an epoch a run stopped at a signal
@@ -69,6 +74,8 @@ class Saver(CheckpointSaver):
             "num_updates": self.train_state.num_updates,
             "wall_s": self.train_state.wall_s,
             "rng": self.pending_rng,
+            "rank_buffers": self.pending_buffers,
+            "class_counts": self.class_counts,
             "position": self.position,
             "version": 2,
             "saver": self.state_dict(epoch, metric) if self.position is None else self.state_dict(),
@@ -82,7 +89,12 @@ class Saver(CheckpointSaver):
             state["amp_scaler"] = self.scaler.state_dict()
         if metric is not None:
             state["metric"] = metric
-        torch.save(state, save_path)
+        try:  # through a Python file: a full disk is then OSError ENOSPC, not torch's "unexpected pos 704 vs 598"
+            with open(save_path, "wb") as file:
+                torch.save(state, file)
+        except (OSError, RuntimeError) as err:
+            Path(save_path).unlink(missing_ok=True)
+            raise CheckpointNotWritten(unwritten_message(Path(save_path), err)) from None
 
     def save_position(self, position: dict) -> None:
         """A checkpoint inside epoch ``position["epoch"]``: ``last`` only (atomically), no ranked copy."""
@@ -95,30 +107,73 @@ class Saver(CheckpointSaver):
             self.position = None
 
 
+class CheckpointNotWritten(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota); the message says which file is still good."""
+
+
+def unwritten_message(path: Path, err: Exception) -> str:
+    """One sentence: what failed, the free space, and that ``last.pth.tar`` (replaced atomically) is intact."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    free = shutil.disk_usage(path.parent).free / 2**20
+    last = path.parent / LAST
+    kept = f"'{last}' still holds the previous checkpoint" if last.is_file() else "no earlier checkpoint exists"
+    return (f"could not write checkpoint '{path}' ({reason}; {free:.0f} MiB free on its disk); {kept}: free "
+            "space, then rerun with --resume auto")
+
+
+def rank_buffers(model: nn.Module, model_ema) -> dict:
+    """This rank's buffers by state-dict key, of the model and its EMA (which averages them too)."""
+    local = {}
+    for key, module in (("state_dict", model), ("state_dict_ema", model_ema)):
+        if module is not None:
+            module = unwrap_model(module)
+            names = {name for name, _ in module.named_buffers()}
+            local[key] = {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in names}
+    return local
+
+
+def differing(every: list[dict]) -> list[dict] | None:
+    """``every`` when some rank's buffers differ from rank 0's, else None (rank 0's, in ``state_dict``, serve)."""
+    first = every[0]
+    same = all(torch.equal(tensor, other[key][name]) for other in every[1:] for key, tensors in first.items()
+               for name, tensor in tensors.items())
+    return None if same else every
+
+
 def existing_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for pattern in CANDIDATES for p in folder.glob(pattern))
 
 
-def write_checkpoint(saver: Saver | None, engine, out: Path, state: TrainState, epoch: int, metric=None,
-                     stopped_at: int | None = None) -> None:
-    """Collective (every rank calls it): DeepSpeed's files first, then ltsam's on rank 0. ``stopped_at``: the
-    updates done in ``epoch`` when a stop signal ended it early; otherwise ``epoch`` is complete."""
+def write_checkpoint(saver: Saver | None, engine, out: Path, state: TrainState, epoch: int, modules: tuple,
+                     metric=None, stopped_at: int | None = None, samples_per_batch: int = 0) -> None:
+    """Collective (every rank calls it): DeepSpeed's files first, then ltsam's on rank 0. ``modules``: the model
+    and its EMA (or None), whose buffers each rank contributes. ``stopped_at``: the loader batches done in
+    ``epoch`` (of ``samples_per_batch`` samples on each rank) when a stop signal ended it early; otherwise
+    ``epoch`` is complete. A failed write ends every rank with ``CheckpointNotWritten``."""
     tag = None
     if engine is not None:  # every rank writes its own partition; the tag is complete before ltsam names it
         tag = f"epoch{epoch}" if stopped_at is None else f"epoch{epoch}-update{state.num_updates}"
         engine.save_checkpoint(str(out / DEEPSPEED_DIR), tag=tag, save_latest=False)
-    states = dist_utils.all_gather((dist_utils.rng_state(), state.epoch_rng))
+    states = dist_utils.gather((dist_utils.rng_state(), state.epoch_rng, rank_buffers(*modules)))
+    failure = None
     if saver is not None:
-        saver.pending_rng = [now for now, _ in states]
+        saver.pending_rng = [now for now, _, _ in states]
+        saver.pending_buffers = differing([buffers for _, _, buffers in states])
         saver.deepspeed_tag = tag
-        if stopped_at is None:
-            saver.save_checkpoint(epoch, metric=metric)
-        else:
-            saver.save_position({"epoch": epoch, "batch": stopped_at, "loss_sum": state.loss_sum,
-                                 "epoch_rng": [start for _, start in states]})
-        if engine is not None:
+        try:
+            if stopped_at is None:
+                saver.save_checkpoint(epoch, metric=metric)
+            else:
+                saver.save_position({"epoch": epoch, "batch": stopped_at, "samples": stopped_at * samples_per_batch,
+                                     "loss_sum": state.loss_sum, "epoch_rng": [start for _, start, _ in states]})
+        except CheckpointNotWritten as err:
+            failure = err
+        if engine is not None and failure is None:
             prune_deepspeed_tags(out, tag, saver)
-    dist_utils.barrier()  # the checkpoint is on disk before any rank can fail or exit
+    # instead of a barrier: the checkpoint is on disk (or known lost) before any rank can go on, fail or exit
+    failed = torch.tensor([float(failure is not None)], device=next(modules[0].parameters()).device)
+    if dist_utils.all_reduce_sum(failed).item():
+        raise failure or CheckpointNotWritten("rank 0 could not write the checkpoint (its message says why)")
 
 
 def prune_deepspeed_tags(out: Path, current: str, saver: Saver) -> None:
@@ -166,6 +221,7 @@ def load_training_state(point: ResumePoint, model: nn.Module, optimizer, schedul
         if "state_dict_ema" not in ckpt:
             raise SystemExit(f"ltsam train: '{path}' has no EMA weights but --model-ema is on")
         unwrap_model(model_ema).load_state_dict(ckpt["state_dict_ema"])
+    own_buffers(ckpt.get("rank_buffers"), rank, path, model, model_ema)
     position = ckpt.get("position") or {}
     state = TrainState(epoch=int(position.get("epoch", int(ckpt["epoch"]) + 1)),
                        num_updates=int(ckpt.get("num_updates", 0)), wall_s=float(ckpt.get("wall_s", 0.0)),
@@ -188,6 +244,18 @@ def load_training_state(point: ResumePoint, model: nn.Module, optimizer, schedul
     if same_folder and ckpt.get("saver") is not None:
         saver.load_state_dict(ckpt["saver"])
     return state
+
+
+def own_buffers(every: list[dict] | None, rank: int, path: Path, model: nn.Module, model_ema) -> None:
+    """This rank's own buffers, where the checkpoint holds every rank's (they differed when it was written)."""
+    if not every:
+        return
+    if rank >= len(every):
+        raise SystemExit(f"ltsam train: '{path}' holds the BatchNorm statistics of {len(every)} ranks; rank {rank} "
+                         "cannot resume exactly (resume with the same number of processes)")
+    for key, module in (("state_dict", model), ("state_dict_ema", model_ema)):
+        if module is not None and key in every[rank]:
+            unwrap_model(module).load_state_dict(every[rank][key], strict=False)
 
 
 def restore_overridden_groups(optimizer, fresh_groups: list[dict], overridden: dict) -> None:

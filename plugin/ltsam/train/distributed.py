@@ -124,5 +124,15 @@ def all_gather(local):
     return values
 
 
+def gather(local):
+    """Every rank's ``local`` (any picklable value) in rank order on rank 0, None on the others: for what only
+    rank 0 writes, without a copy of every rank's value on every rank."""
+    if not is_distributed():
+        return [local]
+    values: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, values, dst=0)
+    return values
+
+
 def _to_lists(value):
     return [_to_lists(v) for v in value] if isinstance(value, tuple) else value

@@ -28,6 +28,7 @@ from ltsam.losses import create_loss
 from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report
 from ltsam.optim import SAMFamily
 from ltsam.train import args as cli_args
+from ltsam.train import checkpoint as ckpt
 from ltsam.train import data as train_data
 from ltsam.train import distributed as dist_utils
 from ltsam.train import preempt
@@ -53,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     except preempt.Preempted as err:
         print(f"ltsam train (rank {args.rank}): {err}", file=sys.stderr)
         return preempt.REQUEUE_EXIT
+    except ckpt.CheckpointNotWritten as err:
+        print(f"ltsam train (rank {args.rank}): {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second SIGINT while stopping, or one outside the training loop
+        print(f"ltsam train (rank {args.rank}): interrupted by SIGINT; nothing more was written (a first SIGINT "
+              "during training stops after the update in flight and writes a checkpoint)", file=sys.stderr)
+        return 130
     finally:
         dist_utils.shutdown()
     return 0
@@ -204,7 +212,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     args.num_classes = args.num_classes or train_set.num_classes
     cli_args.resolve_lr(args, args.world_size)
     if resume is not None:
-        resume_point.check_config(resume, args)  # before anything is built: a mixed run is refused early
+        resume_point.check_config(resume, args, counts)  # before anything is built: a mixed run is refused early
 
     model, trainable = build_model(args, getattr(train_set, "classes", ()), out, primary, dist_utils.barrier)
     model = dist_utils.sync_batchnorm(model, device) if args.sync_bn else model
@@ -237,6 +245,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     state = TrainState()
     saver = Saver(model, optimizer, args, model_ema, scheduler, scaler, state, out, args.checkpoint_hist) \
         if primary else None
+    if saver is not None:
+        saver.class_counts = list(counts)
     forward_model, engine = compiled, None
     if args.deepspeed_config:
         engine = start_deepspeed(args, model, optimizer)
@@ -248,7 +258,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
         state = load_training_state(resume, model, optimizer, scheduler, scaler, model_ema, saver, args.rank, engine)
         if saver is not None:
             saver.train_state = state
-        changed = "".join(f"; {k} {old!r} -> {new!r} (--resume-override)"
+        changed = "".join(f"; {k} {old!r} -> {new!r} (--resume-override)" if k != "class_counts" else
+                          f"; {k}: {resume_point.shown(k, old, new)} (--resume-override)"
                           for k, (old, new) in resume.overridden.items())
         console.print(f"resumed from '{resume.path}' at epoch {state.epoch} (update {state.num_updates}"
                       f"{f', {state.skip} into the epoch' if state.skip else ''}){changed}")
@@ -285,7 +296,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
                 raise NonFiniteLoss(f"{err}; {kept}") from None
             if train_metrics.get("stopped_at", len(train_loader)) < len(train_loader):
                 state.loss_sum, state.wall_s = train_metrics["loss_sum"], earlier_s + time.perf_counter() - start_time
-                write_checkpoint(saver, engine, out, state, epoch, stopped_at=train_metrics["stopped_at"])
+                write_checkpoint(saver, engine, out, state, epoch, (model, model_ema),
+                                 stopped_at=train_metrics["stopped_at"], samples_per_batch=args.batch_size)
                 raise preempt.Preempted(stopped_message(
                     stop_request, out, f"{train_metrics['stopped_at']} updates into epoch {epoch}", state))
             if args.distributed and args.dist_bn:
@@ -314,7 +326,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
                     console.print(f"epoch {epoch}: loss {train_metrics['loss']:.4f}, "
                                   f"lr {optimizer.param_groups[0]['lr']:.3g}{stage}")
                 state.wall_s = earlier_s + time.perf_counter() - start_time
-            write_checkpoint(saver, engine, out, state, epoch, metric=eval_metrics.get("top1"))
+            write_checkpoint(saver, engine, out, state, epoch, (model, model_ema), metric=eval_metrics.get("top1"))
             if epoch + 1 < stop and dist_utils.all_reduce_sum(torch.tensor([stop_request.flag], device=device)).item():
                 raise preempt.Preempted(stopped_message(stop_request, out, f"the end of epoch {epoch}", state))
 

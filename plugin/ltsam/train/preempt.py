@@ -1,4 +1,5 @@
-"""Stopping at a signal without losing work: SIGTERM (what SLURM and torchrun send before a kill) or SIGUSR1.
+"""Stopping at a signal without losing work: SIGTERM (what SLURM and torchrun send before a kill), SIGUSR1, or
+a first SIGINT (Ctrl-C; a second one interrupts at once).
 
 The handler only records the signal. The loop sums the record over ranks together with each update's loss
 (no extra collective), so every rank stops after the same update; the trainer then writes a checkpoint holding
@@ -14,7 +15,7 @@ import threading
 from types import FrameType
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later"; the run stopped cleanly at a signal and can be resumed
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # test-only: the process of rank LTSAM_SIGNAL_RANK (default 0) sends itself SIGTERM right after update
 # LTSAM_SIGNAL_AT_STEP, as SLURM would at that moment
 SIGNAL_ENV = ("LTSAM_SIGNAL_AT_STEP", "LTSAM_SIGNAL_RANK")
@@ -25,7 +26,8 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """Context manager: while inside, SIGTERM / SIGUSR1 are recorded instead of ending the process."""
+    """Context manager: while inside, SIGTERM / SIGUSR1 / a first SIGINT are recorded instead of ending the
+    process; after a first SIGINT the next one raises KeyboardInterrupt, as Python's own handler does."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -42,6 +44,8 @@ class StopRequest:
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:
         self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     @property
     def flag(self) -> float:

@@ -1,11 +1,17 @@
 """Which checkpoint a run resumes from, and whether it may.
 
 * Reading: a truncated, empty or foreign file given to ``--resume`` ends in one sentence naming it.
-* ``--resume auto``: every checkpoint file in the output folder is a candidate, newest first, including the
-  ``tmp.pth.tar`` timm's saver leaves when a crash falls between its unlink of ``last.pth.tar`` and the rename;
-  the first that loads and is complete is taken (its DeepSpeed files too), and the files passed over are named.
+* ``--resume auto``: every checkpoint file in the output folder is a candidate, including the ``tmp.pth.tar``
+  timm's saver leaves when a crash falls between its unlink of ``last.pth.tar`` and the rename; of those that load
+  and are complete (their DeepSpeed files too) the one furthest into training (updates, then epoch) is taken, by
+  what the files hold, never by modification time (a copy without ``-p`` scrambles those); the files passed over
+  are named.
 * Configuration: the checkpoint's ``args`` are compared with this run's; every key that shapes training must
-  match unless ``--resume-override`` names it, so a resumed run never trains a mix of two configurations.
+  match unless ``--resume-override`` names it, so a resumed run never trains a mix of two configurations. The
+  class counts are compared by content (the file may have moved), not by ``--class-counts``' path.
+* Position: a checkpoint written inside an epoch records the samples each rank had trained; a resume with another
+  ``--batch-size`` or ``--grad-accum-steps`` (``--resume-override``) skips exactly those samples, or is refused
+  when they do not end on an update of the new size.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +68,11 @@ def read_checkpoint(path: Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # torch's text here would suggest an unsafe load: never pass it on
-        if "Unsupported global" in str(err):
-            raise UnreadableCheckpoint("holds pickled Python objects beyond tensors and numbers, so it is not an "
-                                       "ltsam training checkpoint") from None
+        found = re.search(r"GLOBAL ([\w.]+)( whose module [\w.]+ is blocked)?", str(err))
+        if found:
+            raise UnreadableCheckpoint("holds pickled Python objects beyond tensors and numbers (torch's safe load "
+                                       f"refuses it: unsupported GLOBAL {found.group(1)}{found.group(2) or ''}), "
+                                       "so it is not an ltsam training checkpoint") from None
         raise UnreadableCheckpoint("is not a PyTorch checkpoint (unrecognised bytes)") from None
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, IndexError):
         if zipped:
@@ -78,18 +87,28 @@ def read_checkpoint(path: Path) -> dict:
     return data
 
 
+def progress(data: dict) -> tuple[int, int]:
+    """How far into training a checkpoint is: (updates, epochs started); a stop inside an epoch counts it."""
+    position = data.get("position") or {}
+    return int(data.get("num_updates", 0)), int(position.get("epoch", int(data["epoch"]) + 1))
+
+
 def find_newest_complete(folder: Path) -> tuple[ResumePoint | None, list[str]]:
-    """The newest checkpoint in ``folder`` that loads and is complete, and ``name: why`` of each newer one
-    passed over. Newest is by modification time (hard-linked copies share it; ``tmp`` then ``last`` win ties)."""
+    """The checkpoint in ``folder`` furthest into training (``progress``) that loads and is complete, and
+    ``name: why`` of each file passed over as unreadable. Ties (a ranked copy and ``last`` are one state) go to
+    ``tmp``, then ``last``, then by name. Every candidate is read once, one at a time."""
     files = {p for pattern in CANDIDATES for p in folder.glob(pattern) if p.is_file()}
-    rank = {TMP: 0, LAST: 1}
-    skipped = []
-    for path in sorted(files, key=lambda p: (-p.stat().st_mtime_ns, rank.get(p.name, 2), p.name)):
+    preference = {TMP: 0, LAST: 1}
+    best, best_key, skipped = None, None, []
+    for path in sorted(files, key=lambda p: (preference.get(p.name, 2), p.name)):
         try:
-            return ResumePoint(path, read_checkpoint(path)), skipped
+            data = read_checkpoint(path)
         except UnreadableCheckpoint as err:
             skipped.append(f"'{path.name}' {err}")
-    return None, skipped
+            continue
+        if best_key is None or progress(data) > best_key:
+            best, best_key = ResumePoint(path, data), progress(data)
+    return best, skipped
 
 
 def resolve_resume(resume: str | None, folder: Path) -> tuple[ResumePoint | None, list[str]]:
@@ -124,11 +143,14 @@ def training_config(args: dict) -> dict:
     return {k: _plain(v) for k, v in args.items() if k not in NOT_TRAINING_CONFIG}
 
 
-def check_config(point: ResumePoint, args: argparse.Namespace) -> None:
+def check_config(point: ResumePoint, args: argparse.Namespace, class_counts: list[int]) -> None:
     """Refuse a resume whose training configuration differs, naming each key and both values, unless
-    ``--resume-override`` lists the key; allowed differences are recorded in ``point.overridden``."""
+    ``--resume-override`` lists the key; allowed differences are recorded in ``point.overridden``.
+    ``class_counts``: this run's, compared with the checkpoint's by content where it records them."""
     check_backend(point, args)
     saved, now = training_config(point.data.get("args") or {}), training_config(vars(args))
+    if point.data.get("class_counts") is not None:  # the counts themselves, not the path of the file holding them
+        saved["class_counts"], now["class_counts"] = list(point.data["class_counts"]), list(class_counts)
     allowed = {k.replace("-", "_") for k in args.resume_override or []}
     unknown = sorted(allowed - now.keys())
     if unknown:
@@ -139,11 +161,43 @@ def check_config(point: ResumePoint, args: argparse.Namespace) -> None:
     differ = {k: (saved[k], now[k]) for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]}
     refused = {k: v for k, v in differ.items() if k not in allowed}
     if refused:
-        listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
+        listed = "; ".join(f"{k}: {shown(k, old, new)}" for k, (old, new) in refused.items())
         raise SystemExit(f"ltsam train: --resume '{point.path}' was trained with another configuration ({listed}); "
                          "resuming would mix two runs. Resume with the checkpoint's values, start a new run "
                          f"(--experiment), or allow the change with --resume-override {' '.join(refused)}")
     point.overridden = {k: v for k, v in differ.items() if k in allowed}
+    check_position(point, args)
+
+
+def shown(key: str, old, new) -> str:
+    """Both values of a differing key; class counts (thousands of numbers) by their first difference."""
+    if key != "class_counts" or not isinstance(old, list) or not isinstance(new, list):
+        return f"{old!r} in the checkpoint, {new!r} now"
+    if len(old) != len(new):
+        return f"{len(old)} classes in the checkpoint, {len(new)} now"
+    first = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    return (f"the counts differ in {sum(a != b for a, b in zip(old, new))} of {len(old)} classes (class {first}: "
+            f"{old[first]} in the checkpoint, {new[first]} now)")
+
+
+def check_position(point: ResumePoint, args: argparse.Namespace) -> None:
+    """A checkpoint inside an epoch and an overridden batch size or accumulation: the samples each rank trained
+    in that epoch become loader batches of the new size (``position["batch"]``), or the resume is refused."""
+    position = point.data.get("position")
+    changed = {"batch_size", "grad_accum_steps"} & point.overridden.keys()
+    if not position or not changed:
+        return
+    saved = point.data.get("args") or {}
+    samples = int(position.get("samples", position["batch"] * saved.get("batch_size", args.batch_size)))
+    batch = samples // args.batch_size
+    if args.dataset == "shards" or samples % args.batch_size or batch % args.grad_accum_steps:
+        old = f"-b {saved.get('batch_size')} --grad-accum-steps {saved.get('grad_accum_steps', 1)}"
+        why = ("the shard stream's order depends on the batch size" if args.dataset == "shards" else
+               f"they do not end on an update of -b {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}")
+        raise SystemExit(f"ltsam train: --resume-override {' '.join(sorted(changed))}: '{point.path}' was written "
+                         f"{samples} samples per process into epoch {position['epoch']}, and {why}; resume with "
+                         f"{old} and --stop-epoch {position['epoch'] + 1} to finish that epoch, then change it")
+    point.data["position"] = {**position, "batch": batch}
 
 
 def check_backend(point: ResumePoint, args: argparse.Namespace) -> None:
