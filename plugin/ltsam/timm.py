@@ -21,7 +21,8 @@ the flag's name: mixup/cutmix with imbsam/ssesam/focalsam, ``--naflex-loader``,
 ``--grad-accum-steps`` N buffers N loader batches and makes one SAM-family step on them (``micro_batches=N``).
 After each epoch the optimizer's epoch advances (SSE-SAM's stage), and ``epochs`` defaults to the scheduled
 total (``--epochs`` + ``--cooldown-epochs``, as train.py's scheduler counts). Class-aware sampling
-(``LTSAM_SAMPLER``), ``LTSAM_CLASS_COUNTS`` and the counts checks: :mod:`ltsam.trainpy`.
+(``LTSAM_SAMPLER``), ``LTSAM_CLASS_COUNTS`` and the counts checks: :mod:`ltsam.trainpy`; lightweight
+fine-tuning (``LTSAM_FINETUNE``): :mod:`ltsam.finetune.trainpy`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from torch import Tensor, nn
 
 import ltsam  # noqa: F401  (registers sam, imbsam, ssesam, focalsam in timm's optimizer registry)
 from ltsam import trainpy
+from ltsam.finetune.trainpy import install_finetune
 from ltsam.optim import SAMFamily
 
 _logger = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ def install(namespace: ModuleType) -> bool:
     if not getattr(original, _MARKER, False):
         namespace.train_one_epoch = wrap_train_one_epoch(original)
         trainpy.install_sampling(namespace)
+        install_finetune(namespace)
     trainpy.guard_train_py(namespace)
     return True
 

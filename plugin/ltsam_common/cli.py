@@ -1,4 +1,5 @@
-"""The ``ltsam`` console script: ``ltsam train ...``, ``ltsam shards write|verify|digest|info ...``.
+"""The ``ltsam`` console script: ``ltsam train ...``, ``ltsam eval ...``,
+``ltsam shards write|verify|digest|info ...``.
 
 It lives here, not in ``ltsam``, because ``import ltsam`` imports torch and timm (seconds): ``ltsam --help``
 and ``ltsam train --help`` answer without them, and each command imports its module only when it runs.
@@ -26,9 +27,16 @@ def _shards(argv: list[str]) -> int:
     return main(argv, prog="ltsam shards")
 
 
+def _eval(argv: list[str]) -> int:
+    from ltsam.evaluate import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a model on a long-tailed data set (ltsam train --help)"),
     "shards": (_shards, "write, verify, digest or describe webdataset shards (ltsam shards --help)"),
+    "eval": (_eval, "evaluate a checkpoint on long-tailed and out-of-distribution sets (ltsam eval --help)"),
 }
 
 

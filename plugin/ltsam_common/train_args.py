@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 from ltsam_common import yamlio
-from ltsam_common.names import LOSSES, SAM_METHODS
+from ltsam_common.names import FINETUNE_MODES, LOSSES, SAM_METHODS
 from ltsam_common.names import SAMPLERS as DATA_SAMPLERS
 from ltsam_launch.scale import default_lr_scale, scale_lr
 
@@ -44,6 +44,7 @@ FALLBACK_DEFAULTS = dict(model="resnet50", epochs=100, batch_size=128, lr=None, 
 
 LAUNCH_RECIPE_ENV = "LTSAM_LAUNCH_RECIPE"  # set by ltsam-launch for its program: the recipe it ran
 SAMPLERS = ("none", *DATA_SAMPLERS)
+TTE_CROPS = ("five", "ten")  # ltsam.tte.TTE_CROPS (no torch here)
 RHO_SCHEDULES = ("none", "step", "multistep", "cosine")  # ltsam.optim.radius.SCHEDULES (no torch here)
 # which parameters --weight-decay decays: timm's grouping, or every parameter as the official SAM-family code
 WD_PROFILES = ("timm", "official")
@@ -125,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default=None, help=f"timm model name ({PER_DATA_SET})")
-    group.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
+    group.add_argument("--pretrained", action="store_true", help="start from the model's pretrained weights (hub)")
+    group.add_argument("--pretrained-path", default=None, metavar="FILE",
+                       help="the pretrained weights from this local file (timm's pretrained_cfg_overlay file=...); "
+                            "implies --pretrained (default: none)")
     group.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the data set's)")
     group.add_argument("--in-chans", type=int, default=None, help=f"image channels ({PER_DATA_SET})")
     group.add_argument("--img-size", type=int, default=None,
@@ -144,6 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="optimizer step every N loader batches: the update of one batch N x --batch-size")
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None,
                        help="evaluation batch size (default: --batch-size)")
+
+    group = parser.add_argument_group("Fine-tuning (ltsam.finetune; the tuner enters the last --finetune-blocks "
+                                      "blocks of a timm ViT)")
+    group.add_argument("--finetune", default="full", choices=FINETUNE_MODES,
+                       help="which parameters train: all (full), the classifier only, biases (BitFit), LayerNorms, "
+                            "or a tuner + the classifier (VPT, Adapter, AdaptFormer, LoRA via peft, SSF)")
+    group.add_argument("--finetune-blocks", type=int, default=None, help="tune the last N blocks (default: all)")
+    group.add_argument("--bottleneck", type=int, default=None,
+                       help="Adapter / AdaptFormer width (default LIFT's 2**floor(log2(classes / (2 * blocks))))")
+    group.add_argument("--prompt-length", type=int, default=10, help="VPT prompt tokens")
+    group.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: as --bottleneck)")
+    group.add_argument("--lora-mlp", action="store_true", help="LoRA also on the MLP Linears (not only attn qkv)")
+    group.add_argument("--classifier", default="linear", choices=("linear", "cosine"),
+                       help="cosine: scale * cosine(feature, class weight), bias-free (LIFT's head)")
+    group.add_argument("--classifier-scale", type=float, default=25.0, help="scale of the cosine classifier")
+    group.add_argument("--text-init", action="store_true",
+                       help="initialise the cosine classifier from CLIP text features of --prompt-template per class "
+                            "name (open_clip; cached in --text-cache)")
+    group.add_argument("--class-names", default=None, metavar="FILE",
+                       help="one class name per line in label order (default: the data set's class names)")
+    group.add_argument("--clip-model", default="ViT-B-16", help="open_clip model of the text tower")
+    group.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag (or a local file)")
+    group.add_argument("--prompt-template", default="a photo of a {}.",
+                       help="--text-init: the text of each class, {} replaced by its name")
+    group.add_argument("--text-cache", default=None, metavar="FILE",
+                       help="text-feature cache (default: text_features.pt in the run folder); reused when present")
 
     group = parser.add_argument_group("Optimizer")
     group.add_argument("--opt", default="sgd",
@@ -235,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("Evaluation and output")
     group.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and at the end)")
     group.add_argument("--tta", action="store_true", help="average logits over the image and its mirror image")
+    group.add_argument("--tte", default="none", choices=("none", *TTE_CROPS),
+                       help="test-time ensembling of the final evaluation (LIFT): resize by 248/224 and average the "
+                            "logits of five crops (ten: and their mirror images)")
     group.add_argument("--many-shot", type=int, default=100, help="Many: train count above this")
     group.add_argument("--few-shot", type=int, default=20, help="Few: train count below this")
     group.add_argument("--output", default="./output/train", help="parent folder of the run folder")
@@ -319,6 +352,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--resume-override applies to a resumed run: add --resume")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other: resume continues the folder's run")
+    if args.text_init and args.classifier != "cosine":
+        parser.error("--text-init initialises the cosine classifier: add --classifier cosine")
     if args.few_shot > args.many_shot:
         parser.error(f"--few-shot ({args.few_shot}) must not exceed --many-shot ({args.many_shot})")
 

@@ -160,10 +160,15 @@ def create_loaders(args: argparse.Namespace, train: Dataset, val: Dataset, rank:
     train_loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                               pin_memory=pin_memory, drop_last=True, persistent_workers=persist_train,
                               generator=_own_generator(args.seed) if persist_train else None)
-    val_loader = DataLoader(val, batch_size=args.validation_batch_size or 2 * args.batch_size,
-                            sampler=range(rank, len(val), world_size), num_workers=args.workers, pin_memory=pin_memory,
-                            persistent_workers=persist, generator=_own_generator(args.seed))
-    return train_loader, val_loader
+    return train_loader, eval_loader(args, val, rank, world_size, pin_memory, persist)
+
+
+def eval_loader(args: argparse.Namespace, val: Dataset, rank: int, world_size: int, pin_memory: bool,
+                persist: bool = False) -> DataLoader:
+    """Evaluation batches: each rank its own share of the set, without padding."""
+    return DataLoader(val, batch_size=args.validation_batch_size or 2 * args.batch_size,
+                      sampler=range(rank, len(val), world_size), num_workers=args.workers, pin_memory=pin_memory,
+                      persistent_workers=persist, generator=_own_generator(args.seed))
 
 
 def _own_generator(seed: int) -> torch.Generator:

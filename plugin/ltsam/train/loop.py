@@ -26,6 +26,7 @@ from ltsam.optim import SAMFamily
 from ltsam.optim import deepspeed as ltsam_deepspeed
 from ltsam.train.distributed import all_reduce_sum, rng_state, set_rng_state
 from ltsam.train.preempt import StopRequest, fault_hook_due, maybe_signal
+from ltsam.tte import crop_mean_logits
 
 # test-only fault injection: rank LTSAM_FAULT_RANK (default 1) calls os._exit(1) right after update
 # LTSAM_FAULT_AT_STEP, once: the marker file LTSAM_FAULT_MARKER keeps the restarted group alive
@@ -204,7 +205,8 @@ def evaluate(module: nn.Module, loader: DataLoader, meter: LongTailAccuracy, tta
              autocast: Callable[[], AbstractContextManager], device: torch.device) -> dict:
     """All / Many / Medium / Few over the evaluation set (each rank its share; the meter sums over ranks).
 
-    With ``tta`` the logits of each image and its horizontal mirror are averaged (SSE-SAM's final report).
+    With ``tta`` the logits of each image and its horizontal mirror are averaged (SSE-SAM's final report); a
+    loader of crop stacks (``--tte``, :mod:`ltsam.tte`) has its logits averaged over the crops.
     """
     module.eval()
     meter.reset()
@@ -212,7 +214,7 @@ def evaluate(module: nn.Module, loader: DataLoader, meter: LongTailAccuracy, tta
     for x, y in loader:
         x = x.to(device, dtype=dtype, non_blocking=True)
         with autocast():
-            logits = module(x).float()
+            logits = crop_mean_logits(module, x) if x.dim() == 5 else module(x).float()  # --tte crops
             if tta:
                 logits = (logits + module(torch.flip(x, dims=[3])).float()) / 2
         meter.update(logits, y)

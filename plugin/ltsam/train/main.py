@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from rich import get_console
 from rich.console import Console
-from timm.models import create_model
 from timm.optim import create_optimizer_v2, get_optimizer_class, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, distribute_bn, random_seed, update_summary
@@ -37,6 +36,8 @@ from ltsam.train import preempt
 from ltsam.train import resume as resume_point
 from ltsam.train.checkpoint import LAST, Saver, TrainState, existing_checkpoints, load_training_state, write_checkpoint
 from ltsam.train.loop import NonFiniteLoss, StepContext, evaluate, progress_bar, train_one_epoch, updates_per_epoch
+from ltsam.train.model import build_model
+from ltsam.tte import tte_transform
 from ltsam_common import requeue
 from ltsam_common import train_args as cli_args
 from ltsam_common.train_args import option
@@ -239,11 +240,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     if resume is not None:
         resume_point.check_config(resume, args, counts)  # before anything is built: a mixed run is refused early
 
-    model_kwargs = dict(args.model_kwargs)
-    if args.drop is not None:
-        model_kwargs["drop_rate"] = args.drop
-    model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-                         in_chans=args.in_chans, **model_kwargs)
+    model, trainable = build_model(args, getattr(train_set, "classes", ()), out, primary, dist_utils.barrier)
     model = dist_utils.sync_batchnorm(model, device) if args.sync_bn else model
     model = model.to(device)
     data_config, train_set.transform, val_set.transform = train_data.build_transforms(args, model)
@@ -299,7 +296,8 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     if primary:
         trim_summary(str(out / SUMMARY), state.epoch)
         cli_args.save_args(args, out / ARGS)
-        console.print(f"ltsam train: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params) "
+        console.print(f"ltsam train: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+                      f"--finetune {args.finetune}: {sum(p.numel() for p in trainable):,} trainable) "
                       f"on {args.dataset} ({len(train_set)} train / {len(val_set)} eval images, {args.num_classes} "
                       f"classes), --opt {args.opt}, {args.world_size} process(es) on {device}, input "
                       f"{data_config['input_size']}; output '{out}'")
@@ -362,8 +360,11 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
 
     if report is None:  # resumed a finished run: nothing trained, evaluate what was loaded
         report = evaluate(model, val_loader, meter, False, autocast, device)
-    if args.tta:
-        report = evaluate(model, val_loader, meter, True, autocast, device)
+    if args.tta or args.tte != "none":
+        if args.tte != "none":
+            val_set.transform = tte_transform(data_config, args.tte)
+            val_loader = train_data.eval_loader(args, val_set, args.rank, args.world_size, device.type == "cuda")
+        report = evaluate(model, val_loader, meter, args.tta, autocast, device)
     skipped = train_data.skipped_samples(train_loader.dataset, val_loader.dataset, gather=dist_utils.all_gather)
     if primary:
         report = dict(report, **skipped)
@@ -383,12 +384,12 @@ def finish(args: argparse.Namespace, out: Path, report: dict, state: TrainState,
     ``wall_s`` counts every attempt of a resumed run (``attempt_s`` only this one)."""
     wall = earlier_s + attempt_s
     report = dict(report, model=args.model, dataset=args.dataset, opt=args.opt, loss=args.loss, tta=args.tta,
-                  epochs_done=state.epoch, epochs=num_epochs, updates=state.num_updates, wall_s=round(wall, 2),
-                  attempt_s=round(attempt_s, 2))
+                  tte=args.tte, epochs_done=state.epoch, epochs=num_epochs, updates=state.num_updates,
+                  wall_s=round(wall, 2), attempt_s=round(attempt_s, 2))
     save_report(report, out / RESULTS)
     plot_per_class(report, out / PLOT, title=f"{args.model} / {args.opt} on {args.dataset}")
     title = f"{args.dataset}: {state.epoch}/{num_epochs} epochs{' (stopped)' if stop < num_epochs else ''}" \
-            f"{', flip TTA' if args.tta else ''} - accuracy (%)"
+            f"{', flip TTA' if args.tta else ''}{f', {args.tte}-crop TTE' if args.tte != 'none' else ''} - accuracy (%)"
     console.print(results_table({args.opt: report}, title=title))
     resumed = f" ({attempt_s:.1f} s in this attempt)" if earlier_s else ""
     console.print(f"done in {wall:.1f} s{resumed}; results in '{out}'")

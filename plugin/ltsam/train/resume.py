@@ -35,7 +35,8 @@ DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint tags, next to ltsam's 
 # checkpoint is kept, the backend that runs the same update (checked on its own in ``load_training_state``)
 NOT_TRAINING_CONFIG = frozenset({
     "config", "output", "experiment", "resume", "resume_override", "overwrite", "checkpoint_hist", "log_interval",
-    "no_progress", "eval_interval", "tta", "many_shot", "few_shot", "stop_epoch", "data_dir", "val_split", "val_list",
+    "no_progress", "eval_interval", "tta", "tte", "many_shot", "few_shot", "stop_epoch", "data_dir", "val_split",
+    "val_list",
     "validation_batch_size", "device", "distributed", "rank", "local_rank", "dist_url", "deepspeed_config",
     "zero_stage",
 })
