@@ -32,7 +32,7 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from types import ModuleType
@@ -93,32 +93,44 @@ def train_py_config() -> dict[str, Any]:
         return yaml.safe_load(f) or {}
 
 
-def parse_sampler_options(text: str, origin: str) -> dict[str, Any]:
-    """``"num_samples=4000 seed=0"`` (spaces or commas) -> {"num_samples": 4000, "seed": 0}."""
+def parse_options(text: str, origin: str, example: str) -> dict[str, str]:
+    """``"num_samples=4000 seed=0"`` (spaces or commas) -> {"num_samples": "4000", "seed": "0"}."""
     options = {}
     for item in text.replace(",", " ").split():
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"{origin}: '{item}' is not key=value (e.g. {ENV_SAMPLER_OPTIONS}='num_samples=4000')")
+            raise ValueError(f"ltsam.timm: {origin}: '{item}' is not key=value (e.g. {origin}='{example}')")
         options[key] = value
     return options
+
+
+def requested(environ: Mapping[str, str], config: Mapping[str, Any] | None, env_key: str, yaml_key: str,
+              choices: Sequence[str], default: str, what: str) -> tuple[str, str, Mapping[str, Any]] | None:
+    """What train.py's environment (``env_key``) or ``-c`` YAML (``yaml_key``) asks for: (name, where it was
+    asked, the YAML's ``<yaml_key>_options`` mapping); None for train.py's own ``default``."""
+    config = train_py_config() if config is None else config
+    name = environ.get(env_key) or config.get(yaml_key)
+    if not name or name == default:
+        return None
+    origin = env_key if environ.get(env_key) else f"-c YAML key {yaml_key}"
+    if name not in choices:
+        raise ValueError(f"ltsam.timm: {origin}={name!r} is not {what}; choose one of {', '.join(choices)}")
+    yaml_options = config.get(f"{yaml_key}_options") or {}
+    if not isinstance(yaml_options, Mapping):
+        raise ValueError(f"ltsam.timm: -c YAML key {yaml_key}_options must be a mapping such as "
+                         f"{{key: value}}, got {yaml_options!r}")
+    return name, origin, yaml_options
 
 
 def sampler_spec(environ: Mapping[str, str] = os.environ, config: Mapping[str, Any] | None = None
                  ) -> SamplerSpec | None:
     """The sampler asked for by ``LTSAM_SAMPLER`` (+ options) or the ``-c`` YAML keys; None for timm's own."""
-    config = train_py_config() if config is None else config
-    name = environ.get(ENV_SAMPLER) or config.get(YAML_SAMPLER)
-    if not name or name == "instance":
+    asked = requested(environ, config, ENV_SAMPLER, YAML_SAMPLER, SAMPLERS, "instance", "a sampler")
+    if asked is None:
         return None
-    origin = ENV_SAMPLER if environ.get(ENV_SAMPLER) else f"-c YAML key {YAML_SAMPLER}"
-    if name not in SAMPLERS:
-        raise ValueError(f"ltsam.timm: {origin}={name!r} is not a sampler; choose one of {', '.join(SAMPLERS)}")
-    yaml_options = config.get(YAML_SAMPLER_OPTIONS) or {}
-    if not isinstance(yaml_options, Mapping):
-        raise ValueError(f"ltsam.timm: -c YAML key {YAML_SAMPLER_OPTIONS} must be a mapping such as "
-                         f"{{num_samples: 4000}}, got {yaml_options!r}")
-    options = {**yaml_options, **parse_sampler_options(environ.get(ENV_SAMPLER_OPTIONS, ""), ENV_SAMPLER_OPTIONS)}
+    name, _, yaml_options = asked
+    options = {**yaml_options, **parse_options(environ.get(ENV_SAMPLER_OPTIONS, ""), ENV_SAMPLER_OPTIONS,
+                                               "num_samples=4000")}
     spec = SamplerSpec(name)
     for key, value in options.items():
         if key not in _OPTION_TYPES or (key in _OPTION_OWNERS and name not in _OPTION_OWNERS[key]):

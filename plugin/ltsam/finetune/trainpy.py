@@ -17,7 +17,7 @@ from typing import Any
 
 from ltsam.finetune import MODES, FinetuneOptions, prepare_model
 from ltsam.finetune.pretrained import checked_load
-from ltsam.trainpy import HOOK_MARKER, train_py_config
+from ltsam.trainpy import HOOK_MARKER, parse_options, requested
 
 ENV_FINETUNE, ENV_FINETUNE_OPTIONS = "LTSAM_FINETUNE", "LTSAM_FINETUNE_OPTIONS"
 YAML_FINETUNE, YAML_FINETUNE_OPTIONS = "ltsam_finetune", "ltsam_finetune_options"
@@ -40,25 +40,13 @@ def _option(key: str, value: Any, origin: str) -> Any:
 def finetune_spec(environ: Mapping[str, str] = os.environ, config: Mapping[str, Any] | None = None
                   ) -> tuple[str, FinetuneOptions] | None:
     """The mode and options asked for by the environment or the ``-c`` YAML; None for train.py's own (full)."""
-    config = train_py_config() if config is None else config
-    mode = environ.get(ENV_FINETUNE) or config.get(YAML_FINETUNE)
-    if not mode or mode == "full":
+    asked = requested(environ, config, ENV_FINETUNE, YAML_FINETUNE, MODES, "full", "a fine-tuning mode")
+    if asked is None:
         return None
-    origin = ENV_FINETUNE if environ.get(ENV_FINETUNE) else f"-c YAML key {YAML_FINETUNE}"
-    if mode not in MODES:
-        raise ValueError(f"ltsam.timm: {origin}={mode!r} is not a fine-tuning mode; choose one of {', '.join(MODES)}")
-    options = {}
-    yaml_options = config.get(YAML_FINETUNE_OPTIONS) or {}
-    if not isinstance(yaml_options, Mapping):
-        raise ValueError(f"ltsam.timm: -c YAML key {YAML_FINETUNE_OPTIONS} must be a mapping such as "
-                         f"{{bottleneck: 8}}, got {yaml_options!r}")
-    for key, value in yaml_options.items():
-        options[key] = _option(key, value, f"-c YAML key {YAML_FINETUNE_OPTIONS}")
-    for item in environ.get(ENV_FINETUNE_OPTIONS, "").replace(",", " ").split():
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"ltsam.timm: {ENV_FINETUNE_OPTIONS}: '{item}' is not key=value (e.g. 'bottleneck=8')")
-        options[key] = _option(key, value, ENV_FINETUNE_OPTIONS)
+    mode, _, yaml_options = asked
+    options = {key: _option(key, value, f"-c YAML key {YAML_FINETUNE_OPTIONS}") for key, value in yaml_options.items()}
+    from_environment = parse_options(environ.get(ENV_FINETUNE_OPTIONS, ""), ENV_FINETUNE_OPTIONS, "bottleneck=8")
+    options.update({key: _option(key, value, ENV_FINETUNE_OPTIONS) for key, value in from_environment.items()})
     return mode, FinetuneOptions(**options)
 
 

@@ -14,7 +14,8 @@ import signal
 import threading
 from types import FrameType
 
-REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later"; the run stopped cleanly at a signal and can be resumed
+from ltsam_common.requeue import REQUEUE_EXIT as REQUEUE_EXIT  # the one value, re-exported for the trainer
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # test-only: the process of rank LTSAM_SIGNAL_RANK (default 0) sends itself SIGTERM right after update
 # LTSAM_SIGNAL_AT_STEP, as SLURM would at that moment
