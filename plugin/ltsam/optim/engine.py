@@ -634,7 +634,7 @@ class SAMFamily(OptimizerProtocol):
         for replays, group in plan.groups:
             if plan.replay_forwards:
                 for p in plan.replay_forwards * replays:
-                    self._forward(closure, p.index, p.size, p.chunk)
+                    self._forward(closure, p.index, p.size, p.chunk, grad=False)
             else:
                 recorder.replay(replays)
             if group is None:
