@@ -132,7 +132,7 @@ class StatsRecorder:
 
     def _record(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         x = inputs[0].detach()
-        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16/bf16 under autocast; float64 kept
+        x = x.to(accumulation_dtype(x.dtype))
         dims = [d for d in range(x.dim()) if d != 1]
         var, mean = torch.var_mean(x, dims, correction=0)
         self.stats[module].append((mean, var, x.numel() // x.shape[1]))
@@ -218,6 +218,12 @@ class FrozenMomentum:
     def __exit__(self, *exc) -> None:
         for m, momentum in zip(self.layers, self.saved):
             m.momentum = momentum
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses, weights, norms and batch statistics in at least float32 (fp16/bf16 under autocast); a float64
+    model keeps float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def buffers_of(layers: list[nn.Module]) -> list[Tensor]:

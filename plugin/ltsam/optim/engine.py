@@ -84,6 +84,7 @@ from ltsam.optim.batchnorm import (
     FrozenMomentum,
     PolicyLog,
     StatsRecorder,
+    accumulation_dtype,
     batch_policy,
     buffers_of,
     is_distributed,
@@ -280,7 +281,7 @@ class SAMFamily(OptimizerProtocol):
     @property
     def weight_dtype(self) -> torch.dtype:
         """The dtype of per-sample weights, losses and norms: float32, or float64 for a float64 model."""
-        return _accumulation_dtype(self._model_params[0].dtype if self._model_params else torch.float32)
+        return accumulation_dtype(self._model_params[0].dtype if self._model_params else torch.float32)
 
     def defer_check(self, bad: Tensor, error: Callable[[], Exception]) -> None:
         """Raise ``error()`` if the device flag ``bad`` is set; read with the step's one host sync."""
@@ -625,7 +626,7 @@ class SAMFamily(OptimizerProtocol):
                 losses = first if first is not None else self._forward(closure, p.index, p.size, p.chunk)
                 first = None
                 self._vjps(losses, p, params, scale, acc)
-                loss_sum, seen = loss_sum + losses.detach().to(_accumulation_dtype(losses.dtype)).sum(), seen + p.size
+                loss_sum, seen = loss_sum + losses.detach().to(accumulation_dtype(losses.dtype)).sum(), seen + p.size
         # a direction whose samples all sit on other ranks (split passes) is 0 here before the all-reduce
         directions = [acc.pop(g.direction, None) or _zeros(params) for _, g in plan.groups if g is not None]
         self._sync(*directions)
@@ -676,7 +677,7 @@ class SAMFamily(OptimizerProtocol):
             if isinstance(weights, Tensor) and p.index is not None:
                 weights = weights[p.index]
             with torch.enable_grad():
-                dtype = _accumulation_dtype(losses.dtype)
+                dtype = accumulation_dtype(losses.dtype)
                 if isinstance(weights, Tensor):
                     weights = weights.to(dtype)
                 objective = (losses.to(dtype) * weights).sum()
@@ -696,7 +697,7 @@ class SAMFamily(OptimizerProtocol):
         if self.adaptive:
             torch._foreach_mul_(direction, torch._foreach_abs(params))
         norms = torch.stack(torch._foreach_norm(direction))
-        norm = torch.linalg.vector_norm(norms.to(_accumulation_dtype(norms.dtype)))
+        norm = torch.linalg.vector_norm(norms.to(accumulation_dtype(norms.dtype)))
         if self.adaptive:
             torch._foreach_mul_(direction, torch._foreach_abs(params))
         radii = self._radii(radius)
@@ -853,11 +854,6 @@ def _own(grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor]:
     for i, g in enumerate(grads):
         grads[i] = torch.zeros_like(params[i]) if g is None else g.clone(memory_format=torch.contiguous_format)
     return grads
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Losses, weights and norms in at least float32 (bf16/fp16 autocast), float64 models kept in float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _chunk_bounds(size: int, parts: int) -> list[tuple[int, int]]:
