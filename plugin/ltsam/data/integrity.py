@@ -42,10 +42,6 @@ def sample_digest(key: str, members: Mapping[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def digest_as_int(hexdigest: str) -> int:
-    return int(hexdigest, 16)
-
-
 def sample_members(sample: Mapping) -> dict[str, bytes]:
     """The file members of a sample dict (``__key__``-style entries left out)."""
     return {k: v for k, v in sample.items() if not k.startswith("__")}
