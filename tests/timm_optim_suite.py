@@ -34,7 +34,8 @@ EXPECTED_FAILURES: list[tuple[str, tuple[str, ...], type[BaseException], str, st
     ("test_optim_factory_common_kwargs", ("sam",), KeyError, r"beta1",
      "the test expects an optimizer that takes betas to keep them in its param groups; the SAM family hands "
      "eps/betas/momentum to its base optimizer when the base takes them, and the default base (sgd) takes no "
-     "betas (with base='adamw' they are in the groups: tests/test_optim_api.py)"),
+     "betas (with base='adamw' they are in the groups: tests/test_optim_api.py); one registry record serves every "
+     "base, and has_betas=False would make timm's factory drop betas for base='adamw' too"),
     ("*", CLASS_AWARE, ValueError, r"needs class_counts: a list of per-class training counts",
      "imbsam, ssesam and focalsam weight each sample by its class: they need class_counts, which timm's tests "
      "do not pass (and per-sample losses with the batch's targets, which timm's closures do not give)"),

@@ -22,13 +22,14 @@ from rich.console import Console
 from timm.optim import create_optimizer_v2, get_optimizer_class, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, distribute_bn, random_seed, update_summary
-from timm.utils.summary import trim_summary
+from timm.utils import summary as timm_summary
 from torch.nn.parallel import DistributedDataParallel
 
 import yaml
 from ltsam.losses import create_loss
 from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report
 from ltsam.optim import SAMFamily
+from ltsam.timm_needs import unmet
 from ltsam.train import checkpoint as ckpt
 from ltsam.train import data as train_data
 from ltsam.train import distributed as dist_utils
@@ -48,6 +49,8 @@ SUMMARY, RESULTS, PLOT, ARGS = "summary.csv", "results.json", "per_class.png", "
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ltsam train`` and ``python -m ltsam.train``; returns the exit status."""
     args = cli_args.parse_args(argv)
+    if (too_old := unmet("ltsam train")) is not None:  # before anything starts, not at the first resume or save
+        raise SystemExit(too_old)
     device = dist_utils.setup(args)
     console = Console(stderr=True, quiet=args.rank != 0, soft_wrap=True)
     try:
@@ -294,7 +297,7 @@ def train(args: argparse.Namespace, device: torch.device, console: Console) -> N
     meter = LongTailAccuracy(counts, (args.many_shot, args.few_shot))
 
     if primary:
-        trim_summary(str(out / SUMMARY), state.epoch)
+        timm_summary.trim_summary(str(out / SUMMARY), state.epoch)  # timm >= 1.0.31 (timm_needs)
         cli_args.save_args(args, out / ARGS)
         console.print(f"ltsam train: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
                       f"--finetune {args.finetune}: {sum(p.numel() for p in trainable):,} trainable) "
