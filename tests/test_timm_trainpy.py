@@ -37,7 +37,7 @@ from ltsam.data.samplers import ClassAwareSampler
 pytestmark = pytest.mark.filterwarnings("ignore:ltsam.timm found no train_one_epoch")
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_DIR = Path(os.environ.get("LTSAM_TIMM_TRAIN_DIR", REPO.parent / "shared" / "timm-train"))
+TRAIN_DIR = Path(os.environ.get("LTSAM_TIMM_TRAIN_DIR", REPO.parent / "shared" / "timm-train")).resolve()
 TRAIN_PYS = {p.parent.name: p for p in sorted(TRAIN_DIR.glob("*/train.py"))}
 NO_TRAIN_PY = (f"no timm train.py copies: {TRAIN_DIR}/<tag>/train.py is absent (set LTSAM_TIMM_TRAIN_DIR, or "
                "tools/get_timm_train.sh TAG DIR/TAG/train.py)")
