@@ -387,17 +387,32 @@ class SAMFamily(OptimizerProtocol):
         for ``sam`` / ASAM it may also be the classic one (zero_grad, forward, backward, return the loss), as in
         davda54/sam. ``targets`` may come from :meth:`set_targets` instead.
         """
-        params, total, loss_value = self.sam_gradient(closure, targets, scaler, micro_batches)
-        for p, g in zip(params, total):
+        return self.apply_gradient(*self.sam_gradient(closure, targets, scaler, micro_batches), scaler=scaler)
+
+    @torch.no_grad()
+    def apply_gradient(self, params: list[Tensor], grads: list[Tensor], loss: Tensor,
+                       scaler: torch.amp.GradScaler | None = None,
+                       before_update: Callable[[], None] | None = None) -> Tensor:
+        """The second half of :meth:`step`: ``p.grad = G`` (from :meth:`sam_gradient`), then the base optimizer's
+        update. With an enabled ``GradScaler`` (the one ``sam_gradient`` scaled with) G is unscaled, a step whose G
+        is not finite is skipped and counted, and ``scaler.update()`` runs. ``before_update`` runs once, with the
+        unscaled G in ``p.grad``, just before the update: a trainer's hook point (Lightning's
+        ``on_before_optimizer_step`` and gradient clipping). Returns ``loss``."""
+        for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
-        if scaler is not None and scaler.is_enabled():
+        scaled = scaler is not None and scaler.is_enabled()
+        if scaled:
             self._skipped = self._skipped + self._last_finite.logical_not().long()
+            scaler.unscale_(self.base_optimizer)  # what scaler.step would do first; the hook sees unscaled G
+        if before_update is not None:
+            before_update()
+        if scaled:
             scaler.step(self.base_optimizer)
             scaler.update()
         else:
             self.base_optimizer.step()
-        self.last_loss = loss_value
-        return loss_value
+        self.last_loss = loss
+        return loss
 
     @torch.no_grad()
     def sam_gradient(
@@ -424,7 +439,8 @@ class SAMFamily(OptimizerProtocol):
                 with torch.enable_grad():
                     loss = closure()
                 if isinstance(loss, Tensor) and loss.dim() == 0:
-                    return self._classic_gradient(closure, loss, params, scaler, FrozenMomentum([]))
+                    return self._finite_or_restored(self._classic_gradient(closure, loss, params,
+                                                                           FrozenMomentum([])), scaler)
             self._check_model()
         policy = batch_policy(self._model)
         self._policy_log(policy, self.subset_forward)
@@ -448,7 +464,9 @@ class SAMFamily(OptimizerProtocol):
                 losses = closure()
             if isinstance(losses, Tensor) and losses.dim() == 0:  # the classic closure: it back-propagated
                 frozen = policy.replayable if self.bn_mode == "freeze" else []
-                return self._classic_gradient(closure, losses, params, scaler, FrozenMomentum(frozen))
+                return self._finite_or_restored(self._classic_gradient(closure, losses, params,
+                                                                       FrozenMomentum(frozen)),
+                                                scaler, protected, before)
             first = self._checked(losses, None if targets is None else targets.shape[0], None, chunk=0)
         if targets is None:
             batch_size, device = first.shape[0], first.device
@@ -458,16 +476,21 @@ class SAMFamily(OptimizerProtocol):
                           reuse_first=first is not None, replay=bool(recorder.layers),
                           one_vjp_per_forward=is_compiled(self._model))
         total, loss_value = self._execute(plan, closure, params, scale, first, recorder, policy)
+        return self._finite_or_restored((params, total, loss_value), scaler, protected, before)
 
-        if scale is not None:  # an overflowing step is skipped: put the BN buffers back as they were
-            self._last_finite = torch.stack(torch._foreach_norm(total, float("inf"))).isfinite().all()
+    def _finite_or_restored(self, result: tuple[list[Tensor], list[Tensor], Tensor],
+                            scaler: torch.amp.GradScaler | None, protected: Sequence[Tensor] = (),
+                            before: Sequence[Tensor] = ()) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """With an enabled GradScaler: whether G is finite (the scaler will skip the step otherwise), and for a
+        step it will skip, the batch-coupled layers' buffers put back as they were before the step."""
+        if scaler is not None and scaler.is_enabled():
+            self._last_finite = torch.stack(torch._foreach_norm(result[1], float("inf"))).isfinite().all()
             for buffer, saved in zip(protected, before):
                 buffer.copy_(torch.where(self._last_finite, buffer, saved))
-        return params, total, loss_value
+        return result
 
     def _classic_gradient(self, closure: Callable[[], Tensor], loss: Tensor, params: list[Tensor],
-                          scaler: torch.amp.GradScaler | None, frozen: FrozenMomentum,
-                          ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+                          frozen: FrozenMomentum) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """davda54's two passes for a closure that back-propagates itself (it has just run at w): perturb along
         p.grad, run it again at w + eps (BatchNorm momentum 0 there with ``bn_mode="freeze"``), come back to w.
         With a GradScaler the closure scales its own backward (``scaler.scale(loss).backward()``)."""
@@ -482,8 +505,6 @@ class SAMFamily(OptimizerProtocol):
             self._restore()
         self.last_passes.add(0, forward=1, backward=1)
         total = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        if scaler is not None and scaler.is_enabled():
-            self._last_finite = torch.stack(torch._foreach_norm(total, float("inf"))).isfinite().all()
         return params, total, loss.detach()
 
     # -- davda54's two-pass form (sam / ASAM) ------------------------------------------------------------
