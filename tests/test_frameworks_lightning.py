@@ -192,12 +192,18 @@ class Counted(LitSAM):
         self.hook_calls += 1
 
 
-def engine_fp16_loop(net: torch.nn.Module, method: str, epochs: int = EPOCHS, classic: bool = False,
-                     **scaler_options) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
-    """ltsam's own scaler path under the same autocast: opt.step(closure, targets=y, scaler=GradScaler)."""
+def engine_fp16_loop(net: torch.nn.Module, method: str, classic: bool = False,
+                     clip: float = 0.0) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+    """ltsam's own scaler path under the same autocast: opt.step(closure, targets=y, scaler=GradScaler); ``clip``
+    clips the unscaled update by norm (a step pre-hook on the base optimizer runs inside scaler.step)."""
     opt = create(net, method).attach(net)
-    scaler = torch.amp.GradScaler("cpu", **scaler_options)
-    for epoch in range(epochs):
+    scaler = torch.amp.GradScaler("cpu")
+    def clip_update(*_) -> None:  # a step pre-hook returns None
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+
+    if clip:
+        opt.base_optimizer.register_step_pre_hook(clip_update)
+    for epoch in range(EPOCHS):
         opt.set_epoch(epoch)
         for x, y in data():
             def classic_closure(x=x, y=y):  # Lightning's automatic closure: zero_grad, scaled backward of the mean
@@ -248,12 +254,14 @@ def test_fp16_ssesam_switches_stage_on_time(fp16_runs):
     assert fp16_runs["ssesam", "gn"][1].stages == [1, 1, 2, 2]
 
 
-def test_fp16_automatic_optimisation_with_sam(fp16_runs, one_thread):
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_fp16_automatic_optimisation_with_sam(fp16_runs, one_thread, clip):
+    """Lightning's closure scales its own backward; gradient_clip_val clips the unscaled update once."""
     start, _ = fp16_runs["sam", "gn"]
     module = Counted(copy.deepcopy(start), "sam", manual=False)
-    trainer(plugins=[fp16()]).fit(module, data())
+    trainer(plugins=[fp16()], gradient_clip_val=clip).fit(module, data())
     net = copy.deepcopy(start)
-    engine_fp16_loop(net, "sam", classic=True)
+    engine_fp16_loop(net, "sam", classic=True, clip=clip)
     assert_close(module.net, net, rtol=0, atol=0)
     assert module.trainer.global_step == EPOCHS * 2 and module.hook_calls == EPOCHS * 2
 

@@ -48,7 +48,9 @@ every perturbed forward, ``num_batches_tracked`` still counting it.
 **fp16.** With an enabled ``GradScaler`` every backward is scaled by the scaler's scale (a device tensor);
 a step whose gradient is not finite is skipped by ``scaler.step`` and counted in ``skipped_steps``, and the
 engine puts the batch-coupled layers' buffers back exactly as they were before the step (the perturbed
-forward at w + NaN would poison them). Parameters are restored by copy and momentum is untouched.
+forward at w + NaN would poison them), also for the classic closure (which scales its own backward).
+Parameters are restored by copy and momentum is untouched. :meth:`SAMFamily.apply_gradient` unscales G once and
+calls a trainer's hook before the scaler's step (Lightning's ``on_before_optimizer_step``: ``ltsam.lightning``).
 
 **DDP.** Gradients taken with ``torch.autograd.grad`` are all-reduced by the engine: one flattened
 all-reduce for all perturbation directions of the step, one for the update G at the end (all-reduce is
