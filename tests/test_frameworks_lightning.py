@@ -283,13 +283,14 @@ class PlainSGD(L.LightningModule):
         opt.step()
 
 
-@pytest.mark.parametrize("method", ["sam", "ssesam"])
-def test_fp16_overflowing_step_is_skipped_as_lightning_skips_it(method, one_thread):
-    """A scale that overflows the fp16 gradient: params and BN buffers unchanged, skipped_steps counted, the
-    scale halved, and trainer.global_step counts the step, as for a torch optimizer under the same plugin."""
+@pytest.mark.parametrize("method,manual", [("sam", True), ("ssesam", True), ("sam", False)])
+def test_fp16_overflowing_step_is_skipped_as_lightning_skips_it(method, manual, one_thread):
+    """A scale that overflows the fp16 gradient: params and BN buffers unchanged (also with automatic
+    optimisation's classic closure), skipped_steps counted, the scale halved, and trainer.global_step counts the
+    step, as for a torch optimizer under the same plugin."""
     torch.manual_seed(0)
     start = conv_bn_net()
-    module = LitSAM(copy.deepcopy(start), method)
+    module = LitSAM(copy.deepcopy(start), method, manual)
     plain = PlainSGD(copy.deepcopy(start))
     for m in (module, plain):
         trainer(epochs=1, limit_train_batches=1, plugins=[fp16(init_scale=2.0 ** 40)]).fit(m, data())
