@@ -320,3 +320,24 @@ def test_fp16_resume_restores_the_scaler(fp16_runs, tmp_path, one_thread):
     assert scale == uninterrupted.trainer.precision_plugin.scaler.get_scale() == 16.0 * 2 ** (EPOCHS * 2)
     for p, q in zip(resumed.net.parameters(), uninterrupted.net.parameters()):
         assert torch.equal(p, q)
+
+
+class TwoPass(LitSAM):
+    """davda54's form in manual optimisation: manual_backward, first_step, manual_backward, second_step."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        opt.first_step(zero_grad=True)
+        self.manual_backward(F.cross_entropy(self(x), y))
+        opt.second_step(zero_grad=True)
+
+
+def test_fp16_first_step_is_refused_with_the_alternative(fp16_runs):
+    module = TwoPass(copy.deepcopy(fp16_runs["sam", "gn"][0]), "sam")
+    with pytest.raises(RuntimeError, match=r"SAM.first_step\(\) under Lightning's GradScaler \(precision='16-mixed'\): "
+                                           r"manual_backward scales p.grad"):
+        trainer(epochs=1, plugins=[fp16()]).fit(module, data())
+    for p, q in zip(module.net.parameters(), fp16_runs["sam", "gn"][0].parameters()):
+        assert torch.equal(p, q)  # refused before any update

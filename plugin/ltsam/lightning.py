@@ -15,7 +15,8 @@ back-propagates one scalar loss; they need per-sample losses and targets: use ma
 in a precision plugin other than ``MixedPrecision`` (FSDP's: not adapted), ``accumulate_grad_batches > 1`` in
 automatic optimisation (Lightning steps with the last micro-batch's closure only; use manual optimisation and
 ``micro_batches=N`` on the whole batch), and clipping by value in automatic optimisation (Lightning clips after
-each closure call: by value, the perturbation would turn).
+each closure call: by value, the perturbation would turn). Under the GradScaler, ``first_step()`` is refused when
+called (``manual_backward`` leaves p.grad scaled and ``second_step()`` would bypass the scaler and the step count).
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class ScaledSAMStep:
             del plugin.optimizer_step
 
 
+FIRST_STEP_UNDER_SCALER = (
+    "under Lightning's GradScaler (precision='16-mixed'): manual_backward scales p.grad, and second_step() would "
+    "apply it without unscaling, past the scaler's skip and trainer.global_step; step through Lightning instead: "
+    "self.optimizers().step(closure, targets=y) with a closure returning per-sample losses")
+
+
 def sam_optimizers(trainer: Trainer) -> list[SAMFamily]:
     """The SAM-family optimizers among the Trainer's (inside any wrapper)."""
     return [opt for opt in map(unwrap, trainer.optimizers) if isinstance(opt, SAMFamily)]
@@ -109,9 +116,13 @@ class SAMCallback(Callback):
                 opt.attach(pl_module)
         if getattr(plugin, "scaler", None) is not None:
             ScaledSAMStep.install(plugin)
+            for opt in optimizers:
+                opt._shared.two_pass_refused = FIRST_STEP_UNDER_SCALER
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         ScaledSAMStep.remove(trainer.precision_plugin)
+        for opt in sam_optimizers(trainer):
+            opt._shared.two_pass_refused = None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for opt in sam_optimizers(trainer):

@@ -496,10 +496,9 @@ class SAMFamily(OptimizerProtocol):
         """davda54's two passes for a closure that back-propagates itself (it has just run at w): perturb along
         p.grad, run it again at w + eps (BatchNorm momentum 0 there with ``bn_mode="freeze"``), come back to w.
         With a GradScaler the closure scales its own backward (``scaler.scale(loss).backward()``)."""
-        self._two_pass_group("a closure that calls backward itself")
         self.last_passes = PassCount.zero(1)
         self.last_passes.add(0, forward=1, backward=1)
-        self.first_step(zero_grad=True)
+        self._first_step("a closure that calls backward itself", zero_grad=True)
         try:
             with torch.enable_grad(), frozen:
                 closure()
@@ -516,7 +515,12 @@ class SAMFamily(OptimizerProtocol):
         davda54/sam's ``first_step``; then run your second forward and backward and call :meth:`second_step`.
         Only for methods with one group perturbed over every sample (``sam`` / ASAM): the class-aware methods
         need per-sample losses and ``step(closure, targets=y)``."""
-        group = self._two_pass_group("first_step()")
+        if self._shared.two_pass_refused:
+            raise RuntimeError(f"{type(self).__name__}.first_step() {self._shared.two_pass_refused}")
+        self._first_step("first_step()", zero_grad)
+
+    def _first_step(self, what: str, zero_grad: bool) -> None:
+        group = self._two_pass_group(what)
         if self._shared.backup is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step() called twice: call second_step() in between")
         params = [p for p in self._model_params if p.requires_grad]
