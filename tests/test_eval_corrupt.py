@@ -129,7 +129,8 @@ def test_bad_corruption_choices_are_refused(run, capsys, monkeypatch):
         raise TypeError("gaussian() got an unexpected keyword argument 'multichannel'")
 
     def unseeded(image, severity):
-        return np.asarray(image) // np.random.default_rng().integers(1, 1000)
+        pixels = np.asarray(image)
+        return pixels ^ np.random.default_rng().integers(0, 256, pixels.shape, dtype=np.uint8)
 
     package = corruptions.imagecorruptions_module()
     monkeypatch.setitem(package.corruption_dict, "contrast", broken)
