@@ -152,12 +152,17 @@ def corrupt_sets(name: str, clean: ImageListDataset, options: argparse.Namespace
     except corruptions.CorruptionError as err:
         raise EvalSetError(f"eval set '{name}': {err}") from None
     crop, to_tensor = corruptions.split_at_tensor(plain_tf)
-    finish = to_tensor if options.tte == "none" else tte_transform(data_config, options.tte)
-    if in_chans == 1:
-        finish = T.Compose([T.Grayscale(1), finish])
+    finish = eval_transform(data_config, options.tte, in_chans, to_tensor)
     return [(f"{name}/{corruption}/{severity}", corruptions.CorruptedImages(clean, corruption, severity, crop, finish),
              (name, corruption, severity)) for corruption in sorted(corruption_names)  # as imagenet-c's folders
             for severity in severities]
+
+
+def eval_transform(data_config: dict, tte: str, in_chans: int, plain: T.Compose) -> T.Compose:
+    """``plain`` (from an image at the model's input size on) or ``--tte``'s crops; grey for a one-channel model:
+    image files are read as RGB, and a grey model takes them back to one channel (exactly)."""
+    transform = tte_transform(data_config, tte) if tte != "none" else plain
+    return T.Compose([T.Grayscale(1), transform]) if in_chans == 1 else transform
 
 
 def load_run(checkpoint: Path) -> tuple[argparse.Namespace, dict]:
@@ -181,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         sets = [parse_set(text) for text in options.sets]
         if not sets:
             raise EvalSetError("no evaluation set: add --set NAME=KIND:PATH")
+        if (options.corruptions or options.severities) and not any(kind == "corrupt" for _, kind, _ in sets):
+            raise EvalSetError("--corruptions and --severities choose what corrupt sets generate; add --set "
+                               "NAME=corrupt:CLEAN_FOLDER")
         run(options, sets, console)
     except (EvalSetError, corruptions.CorruptionError) as err:
         print(f"ltsam eval: {err}", file=sys.stderr)
@@ -204,15 +212,10 @@ def run(options: argparse.Namespace, sets: list[tuple[str, str, Path]], console:
     model.load_state_dict(state_dict)
     model = model.to(device).eval()
     data_config, _, plain_tf = train_data.build_transforms(args, model)
-    eval_tf = tte_transform(data_config, options.tte) if options.tte != "none" else plain_tf
-    if args.in_chans == 1:  # image files are read as RGB; a grey model takes them back to one channel (exactly)
-        eval_tf = T.Compose([T.Grayscale(1), eval_tf])
+    eval_tf = eval_transform(data_config, options.tte, args.in_chans, plain_tf)
     loader_args = argparse.Namespace(batch_size=options.batch_size, validation_batch_size=options.batch_size,
                                      workers=options.workers, seed=0)
 
-    if (options.corruptions or options.severities) and not any(kind == "corrupt" for _, kind, _ in sets):
-        raise EvalSetError("--corruptions and --severities choose what corrupt sets generate; add --set "
-                           "NAME=corrupt:CLEAN_FOLDER")
     datasets: list[tuple[str, Dataset, tuple[str, str, int] | None]] = []
     for name, kind, path in sets:
         if kind == "folder":
