@@ -45,6 +45,11 @@ skips); under SyncBatchNorm the replay uses the statistics of all ranks (one all
 itself does, so ``--sync-bn`` stays exact. ``bn_mode="freeze"`` is davda54/sam's bypass: momentum 0 during
 every perturbed forward, ``num_batches_tracked`` still counting it.
 
+**Random layers** (dropout, stochastic depth: :mod:`ltsam.optim.random_layers`). Each sample is forwarded
+once per point with gradient, as in the official codes, so the step has the official step's distribution;
+with BatchNorm the replays become forwards at w (fresh masks, as the official repeated forward), and a
+compiled model that would need two forwards of one sample at w is refused.
+
 **fp16.** With an enabled ``GradScaler`` every backward is scaled by the scaler's scale (a device tensor);
 a step whose gradient is not finite is skipped by ``scaler.step`` and counted in ``skipped_steps``, and the
 engine puts the batch-coupled layers' buffers back exactly as they were before the step (the perturbed
@@ -160,8 +165,9 @@ class PassPlan:
     at_w: list[Pass]
     groups: list[tuple[int, PerturbedPass | None]]  # per group, in order: BN replays before it, its passes
     record: bool  # record the batch statistics of the forwards at w, for the replays
-    # a compiled model runs no forward hooks added after compiling: each replay is then a forward at w
-    # without gradient over these (every micro-batch's samples), the official forward minus its backward
+    # a compiled model runs no forward hooks added after compiling, and random layers draw new masks in the
+    # official repeated forward: each replay is then a forward at w without gradient over these (every
+    # micro-batch's samples), the official forward minus its backward
     replay_forwards: list[Pass] = field(default_factory=list)
     syncs: list[str] = field(default_factory=list)  # the all-reduces, in order (empty without DDP)
 
@@ -476,7 +482,7 @@ class SAMFamily(OptimizerProtocol):
             batch_size, device = targets.shape[0], targets.device
         plan = self._plan(targets, batch_size, micro_batches, device, split=not coupled and not whole,
                           reuse_first=first is not None, replay=bool(recorder.layers),
-                          one_vjp_per_forward=is_compiled(self._model))
+                          one_vjp_per_forward=is_compiled(self._model), random_layers=policy.random)
         total, loss_value = self._execute(plan, closure, params, scale, first, recorder, policy)
         return self._finite_or_restored((params, total, loss_value), scaler, protected, before)
 
@@ -565,11 +571,13 @@ class SAMFamily(OptimizerProtocol):
         coupled = policy.coupled if self.subset_forward is None else not self.subset_forward
         replay = coupled and self.bn_mode == "reference" and bool(policy.replayable)
         return self._plan(targets, targets.shape[0], micro_batches, targets.device, not coupled, False, replay,
-                          one_vjp_per_forward=self._model is not None and is_compiled(self._model))
+                          one_vjp_per_forward=self._model is not None and is_compiled(self._model),
+                          random_layers=policy.random)
 
     # -- planning --------------------------------------------------------------------------------------
     def _plan(self, targets: Tensor | None, batch_size: int, micro_batches: int, device: torch.device,
-              split: bool, reuse_first: bool, replay: bool, one_vjp_per_forward: bool = False) -> PassPlan:
+              split: bool, reuse_first: bool, replay: bool, one_vjp_per_forward: bool = False,
+              random_layers: Sequence[str] = ()) -> PassPlan:
         if micro_batches > batch_size:
             raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {batch_size}")
         self._checks = []
@@ -599,6 +607,14 @@ class SAMFamily(OptimizerProtocol):
                 "(drop --torchcompile), or compile a model without BatchNorm (LayerNorm/GroupNorm, ViTs) and give "
                 "the closure an index argument"
             )
+        if one_vjp_per_forward and random_layers and not support.disjoint([bits for _, _, bits in at_w]):
+            raise ValueError(
+                f"{type(self).__name__} on a compiled model with random layers active ({random_layers[0]}"
+                f"{f' and {len(random_layers) - 1} more' if len(random_layers) > 1 else ''}): this step takes "
+                f"{len(at_w)} gradients at w of the same samples, which the official code takes from one forward "
+                "(one dropout mask per sample); a compiled graph gives one gradient per forward, and forwarding "
+                "again would draw new masks; train uncompiled (drop --torchcompile) or set the drop rates to 0"
+            )
 
         passes = []
         for c in range(len(chunks)):
@@ -625,7 +641,8 @@ class SAMFamily(OptimizerProtocol):
         if is_distributed():
             syncs = ([", ".join(p.direction for _, p in plan_groups if p)] if any(active) else []) + ["G"]
         replays = any(r for r, _ in plan_groups)
-        if replays and one_vjp_per_forward:
+        # recorded statistics replay the masks of the forward at w; the official repeated forward draws anew
+        if replays and (one_vjp_per_forward or random_layers):
             return PassPlan(micro_batches, passes, plan_groups, record=False, syncs=syncs,
                             replay_forwards=[Pass(p.chunk, p.index, p.size, []) for p in passes])
         return PassPlan(micro_batches, passes, plan_groups, record=replays, syncs=syncs)
