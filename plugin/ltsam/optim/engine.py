@@ -524,6 +524,10 @@ class SAMFamily(OptimizerProtocol):
         if self._shared.two_pass_refused:
             raise RuntimeError(f"{type(self).__name__}.first_step() {self._shared.two_pass_refused}")
         self._first_step("first_step()", zero_grad)
+        if self._model is not None:  # for second_step(scaler=...): the buffers the perturbed forward will change
+            policy = batch_policy(self._model)
+            coupled = buffers_of(policy.replayable + policy.coupled_other)
+            self._shared.buffers_at_w = list(zip(coupled, [b.clone() for b in coupled]))
 
     def _first_step(self, what: str, zero_grad: bool) -> None:
         group = self._two_pass_group(what)
@@ -541,11 +545,22 @@ class SAMFamily(OptimizerProtocol):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
         """Back to w, then the base optimizer's step with the gradients at w + eps now in ``p.grad``. To clip,
-        call ``clip_grad_norm_`` between your second backward and this call."""
+        call ``clip_grad_norm_`` between your second backward and this call (with a scaler: after
+        ``scaler.unscale_(opt.base_optimizer)``).
+
+        With fp16, scale both backwards (``scaler.scale(loss).backward()``; the scale cancels in eps's direction)
+        and pass the ``GradScaler`` here: G is unscaled, a step whose G is not finite is skipped and counted in
+        ``skipped_steps``, and ``scaler.update()`` runs, as in :meth:`step`. A skipped step also puts back the
+        BatchNorm buffers that the forward at w + eps changed (for an attached model)."""
+        saved, self._shared.buffers_at_w = self._shared.buffers_at_w, []
         self._restore()
-        self.base_optimizer.step()
+        params = [p for p in self._model_params if p.requires_grad]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        self._finite_or_restored((params, grads, self.last_loss), scaler, [b for b, _ in saved],
+                                 [c for _, c in saved])
+        self.apply_gradient(params, grads, self.last_loss, scaler)
         if zero_grad:
             self.zero_grad()
 
