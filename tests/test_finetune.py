@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from conftest import CLASS_COUNTS, batches
+from keyed_dropout import KeyedMasks, tag
 from torch import nn
 
 from ltsam.finetune import MODES, FinetuneError, FinetuneOptions, default_bottleneck, prepare_model
@@ -29,14 +30,17 @@ METHODS = {
 }
 
 
-def tiny_vit() -> nn.Module:
+DROPOUT = dict(drop_rate=0.2, pos_drop_rate=0.1, proj_drop_rate=0.2, attn_drop_rate=0.2, drop_path_rate=0.3)
+
+
+def tiny_vit(**drop_rates: float) -> nn.Module:
     return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, depth=2, embed_dim=32, num_heads=2,
-                             num_classes=10)
+                             num_classes=10, **drop_rates)
 
 
-def prepared(mode: str, **options) -> tuple[nn.Module, list[nn.Parameter]]:
+def prepared(mode: str, dropout: bool = False, **options) -> tuple[nn.Module, list[nn.Parameter]]:
     torch.manual_seed(0)
-    model = tiny_vit()
+    model = tiny_vit(**(DROPOUT if dropout else {}))
     trainable = prepare_model(model, mode, FinetuneOptions(**options))
     with torch.no_grad():  # move off the identity initialisation (zero up-projections) so every tuner matters
         for p in trainable:
@@ -54,12 +58,18 @@ def one_batch(tail_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-@pytest.mark.parametrize("tail_samples", [2, 1])
+@pytest.mark.parametrize("tail_samples,dropout", [(2, False), (1, False), (1, True)])
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("mode", LIGHT_MODES)
-def test_step_over_trainable_parameters_matches_reference(mode, method, tail_samples, one_thread):
-    ours, trainable = prepared(mode)
+def test_step_over_trainable_parameters_matches_reference(mode, method, tail_samples, dropout, one_thread):
+    """With dropout, every random layer draws its mask per (sample, point) (tests/keyed_dropout.py): ltsam's
+    subset forwards and the official full-batch forwards then drop the same units."""
+    ours, trainable = prepared(mode, dropout)
     ref = copy.deepcopy(ours)
+    if dropout:
+        ours, ref = KeyedMasks(ours), KeyedMasks(ref)
+        ours.start_step()
+        ref.start_step()
     frozen_before = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
     opt_kwargs, step_fn, ref_kwargs = METHODS[method]
     opt = timm.optim.create_optimizer_v2(trainable, opt=method, lr=LR, momentum=MOMENTUM, weight_decay=WD,
@@ -67,9 +77,13 @@ def test_step_over_trainable_parameters_matches_reference(mode, method, tail_sam
     ref_opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM,
                               weight_decay=WD)
     for x, y in [one_batch(tail_samples)]:
+        x = tag(x) if dropout else x
         opt.step(lambda index=None, x=x, y=y: official.per_sample(
             ours, x if index is None else x[index], y if index is None else y[index]), targets=y)
         step_fn(ref, ref_opt, x, y, **ref_kwargs)
+        if dropout:  # one forward per sample at w, as the official code
+            assert sorted(i for i, point in ours.forwards if point == "w") == list(range(len(y)))
+            assert max(ours.forwards.values()) == 1, ours.forwards
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), f"{mode}/{method}: {name} differs by {(a - b).abs().max()}"
         if name in frozen_before:

@@ -1,5 +1,6 @@
 """The README's Lightning recipe: manual optimisation with every method equals the plain loop, automatic with sam,
-bf16, SSE-SAM's stage switch on time, checkpoint resume bit-identical, and what SAMCallback refuses."""
+bf16, fp16 with Lightning's GradScaler (equal to the engine's own scaler path, skipped steps, resume), SSE-SAM's
+stage switch on time, checkpoint resume bit-identical, and what SAMCallback refuses."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import CLASS_COUNTS, batches, conv_gn_net
+from conftest import CLASS_COUNTS, batches, conv_bn_net, conv_gn_net
 from test_optim_exact import closure_for
 from torch.utils.data import DataLoader, TensorDataset
 
 import ltsam  # noqa: F401
 
 L = pytest.importorskip("lightning", reason="Lightning is in the frameworks extra: pip install -e '.[frameworks]'")
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+
 from ltsam.lightning import SAMCallback  # noqa: E402
 
 EPOCHS = 2
@@ -168,9 +171,173 @@ def test_automatic_optimisation_refuses_class_aware_methods_and_accumulation(man
             LitSAM(copy.deepcopy(start), "sam", manual=False), data())
 
 
-def test_a_grad_scaler_precision_is_refused(manual_runs):
-    """16-mixed on a GPU brings a GradScaler (on CPU Lightning has none): given one, SAMCallback refuses."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
-    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-    with pytest.raises(ValueError, match="Lightning's GradScaler path runs the closure once itself"):
-        trainer(epochs=1, plugins=[scaled]).fit(LitSAM(copy.deepcopy(manual_runs["sam"][0]), "sam"), data())
+def fp16(**scaler_options) -> MixedPrecision:
+    """What precision="16-mixed" builds on a GPU (on CPU Lightning turns it into bf16): float16 autocast and a
+    GradScaler, here a CPU one."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", **scaler_options))
+
+
+def autocast16() -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.float16, cache_enabled=False)  # MixedPrecision's autocast
+
+
+class Counted(LitSAM):
+    """LitSAM that counts its on_before_optimizer_step calls."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hook_calls = 0
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.hook_calls += 1
+
+
+def engine_fp16_loop(net: torch.nn.Module, method: str, classic: bool = False,
+                     clip: float = 0.0) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+    """ltsam's own scaler path under the same autocast: opt.step(closure, targets=y, scaler=GradScaler); ``clip``
+    clips the unscaled update by norm (a step pre-hook on the base optimizer runs inside scaler.step)."""
+    opt = create(net, method).attach(net)
+    scaler = torch.amp.GradScaler("cpu")
+    def clip_update(*_) -> None:  # a step pre-hook returns None
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+
+    if clip:
+        opt.base_optimizer.register_step_pre_hook(clip_update)
+    for epoch in range(EPOCHS):
+        opt.set_epoch(epoch)
+        for x, y in data():
+            def classic_closure(x=x, y=y):  # Lightning's automatic closure: zero_grad, scaled backward of the mean
+                opt.zero_grad()
+                with autocast16():
+                    loss = F.cross_entropy(net(x), y)
+                scaler.scale(loss).backward()
+                return loss.detach()
+
+            with autocast16():
+                if classic:
+                    opt.step(classic_closure, scaler=scaler)
+                else:
+                    opt.step(closure_for(net, x, y), targets=y, scaler=scaler)
+    return opt, scaler
+
+
+FP16_CASES = [(m, "gn") for m in OPTIONS] + [("focalsam", "bn")]
+
+
+@pytest.fixture(scope="module")
+def fp16_runs(one_thread):
+    runs = {}
+    for method, norm in FP16_CASES:
+        torch.manual_seed(0)
+        module = Counted(conv_gn_net() if norm == "gn" else conv_bn_net(), method)
+        start = copy.deepcopy(module.net)
+        trainer(plugins=[fp16()]).fit(module, data())
+        runs[method, norm] = (start, module)
+    return runs
+
+
+@pytest.mark.parametrize("method,norm", FP16_CASES)
+def test_fp16_manual_optimisation_equals_the_engines_scaler_path(fp16_runs, method, norm):
+    """precision="16-mixed": the step uses Lightning's own scaler, once per step, and equals the engine's loop."""
+    start, module = fp16_runs[method, norm]
+    net = copy.deepcopy(start)
+    opt, scaler = engine_fp16_loop(net, method)
+    for p, q in zip(module.net.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(p, q)
+    trainer_ = module.trainer
+    assert trainer_.global_step == EPOCHS * 2 and module.hook_calls == EPOCHS * 2
+    assert trainer_.precision_plugin.scaler.state_dict() == scaler.state_dict()
+    assert "optimizer_step" not in vars(trainer_.precision_plugin)  # the adapter is gone after the fit
+
+
+def test_fp16_ssesam_switches_stage_on_time(fp16_runs):
+    assert fp16_runs["ssesam", "gn"][1].stages == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_fp16_automatic_optimisation_with_sam(fp16_runs, one_thread, clip):
+    """Lightning's closure scales its own backward; gradient_clip_val clips the unscaled update once."""
+    start, _ = fp16_runs["sam", "gn"]
+    module = Counted(copy.deepcopy(start), "sam", manual=False)
+    trainer(plugins=[fp16()], gradient_clip_val=clip).fit(module, data())
+    net = copy.deepcopy(start)
+    engine_fp16_loop(net, "sam", classic=True, clip=clip)
+    assert_close(module.net, net, rtol=0, atol=0)
+    assert module.trainer.global_step == EPOCHS * 2 and module.hook_calls == EPOCHS * 2
+
+
+class PlainSGD(L.LightningModule):
+    """Lightning's own fp16 manual step with a torch optimizer, for what it does with a skipped step."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.automatic_optimization = net, False
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.net.parameters(), lr=0.1)
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self.net(batch[0]), batch[1]))
+        opt.step()
+
+
+@pytest.mark.parametrize("method,manual", [("sam", True), ("ssesam", True), ("sam", False)])
+def test_fp16_overflowing_step_is_skipped_as_lightning_skips_it(method, manual, one_thread):
+    """A scale that overflows the fp16 gradient: params and BN buffers unchanged (also with automatic
+    optimisation's classic closure), skipped_steps counted, the scale halved, and trainer.global_step counts the
+    step, as for a torch optimizer under the same plugin."""
+    torch.manual_seed(0)
+    start = conv_bn_net()
+    module = LitSAM(copy.deepcopy(start), method, manual)
+    plain = PlainSGD(copy.deepcopy(start))
+    for m in (module, plain):
+        trainer(epochs=1, limit_train_batches=1, plugins=[fp16(init_scale=2.0 ** 40)]).fit(m, data())
+        for p, q in zip(m.net.parameters(), start.parameters()):
+            assert torch.equal(p, q)
+        assert m.trainer.global_step == 1 and m.trainer.precision_plugin.scaler.get_scale() == 2.0 ** 39
+    assert module.trainer.optimizers[0].skipped_steps == 1
+    for p, q in zip(module.net.buffers(), start.buffers()):  # Lightning's own step keeps the forward's BN update
+        assert torch.equal(p, q)
+
+
+def test_fp16_resume_restores_the_scaler(fp16_runs, tmp_path, one_thread):
+    """The adapter leaves the plugin's class (the checkpoint's key) as it is: the scaler's state is saved and
+    restored, and the resumed run equals the uninterrupted one bit for bit."""
+    start, _ = fp16_runs["ssesam", "gn"]
+    growing = dict(init_scale=16.0, growth_interval=1)  # doubles every step: a scaler not restored would show
+    uninterrupted = LitSAM(copy.deepcopy(start), "ssesam")
+    trainer(plugins=[fp16(**growing)]).fit(uninterrupted, data())
+    first = LitSAM(copy.deepcopy(start), "ssesam")
+    run = trainer(epochs=1, plugins=[fp16(**growing)])
+    run.fit(first, data())
+    run.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = LitSAM(conv_gn_net(), "ssesam")
+    trainer(plugins=[fp16(**growing)]).fit(resumed, data(), ckpt_path=tmp_path / "epoch1.ckpt")
+    assert resumed.stages == [2, 2]
+    scale = resumed.trainer.precision_plugin.scaler.get_scale()
+    assert scale == uninterrupted.trainer.precision_plugin.scaler.get_scale() == 16.0 * 2 ** (EPOCHS * 2)
+    for p, q in zip(resumed.net.parameters(), uninterrupted.net.parameters()):
+        assert torch.equal(p, q)
+
+
+class TwoPass(LitSAM):
+    """davda54's form in manual optimisation: manual_backward, first_step, manual_backward, second_step."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        opt.first_step(zero_grad=True)
+        self.manual_backward(F.cross_entropy(self(x), y))
+        opt.second_step(zero_grad=True)
+
+
+def test_fp16_first_step_is_refused_with_the_alternative(fp16_runs):
+    module = TwoPass(copy.deepcopy(fp16_runs["sam", "gn"][0]), "sam")
+    with pytest.raises(RuntimeError, match=r"SAM.first_step\(\) under Lightning's GradScaler \(precision='16-mixed'\): "
+                                           r"manual_backward scales p.grad"):
+        trainer(epochs=1, plugins=[fp16()]).fit(module, data())
+    for p, q in zip(module.net.parameters(), fp16_runs["sam", "gn"][0].parameters()):
+        assert torch.equal(p, q)  # refused before any update

@@ -157,6 +157,51 @@ def test_classic_closure_equals_per_sample_closure_and_first_second_step():
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_two_pass_form_with_a_grad_scaler_steps_as_the_classic_closure_and_skips_an_overflow():
+    """fp16 (CPU autocast) with both backwards scaled: second_step(scaler=...) unscales G and steps as
+    step(classic closure, scaler=...) does; an overflowing step is skipped, counted, halves the scale, and
+    leaves the weights at w and the BatchNorm buffers as the forward at w left them (not NaN)."""
+    torch.manual_seed(0)
+    nets = [conv_bn_net() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [sam(net, rho=0.1) for net in nets]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) for _ in nets]
+
+    def loss_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            return F.cross_entropy(net(x), y)
+
+    def two_pass(x: torch.Tensor, y: torch.Tensor, scaler: torch.amp.GradScaler) -> None:
+        scaler.scale(loss_of(nets[1], x, y)).backward()
+        opts[1].first_step(zero_grad=True)
+        scaler.scale(loss_of(nets[1], x, y)).backward()
+        opts[1].second_step(zero_grad=True, scaler=scaler)
+
+    for x, y in batches(3):
+        def classic(x=x, y=y) -> torch.Tensor:
+            opts[0].zero_grad()
+            loss = loss_of(nets[0], x, y)
+            scalers[0].scale(loss).backward()
+            return loss
+        opts[0].step(classic, scaler=scalers[0])
+        two_pass(x, y, scalers[1])
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+
+    overflowing = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)
+    x, y = batches(1, seed=4)[0]
+    before = params_of(nets[1])
+    overflowing.scale(loss_of(nets[1], x, y)).backward()
+    after_forward_at_w = [b.clone() for b in nets[1].buffers()]
+    opts[1].first_step(zero_grad=True)
+    overflowing.scale(loss_of(nets[1], x, y)).backward()
+    opts[1].second_step(zero_grad=True, scaler=overflowing)
+    assert all(torch.equal(p, q) for p, q in zip(nets[1].parameters(), before))
+    assert all(torch.equal(b, c) for b, c in zip(nets[1].buffers(), after_forward_at_w))
+    assert opts[1].skipped_steps == 1 and overflowing.get_scale() == 2.0 ** 119
+
+
 def test_classic_closure_and_two_pass_form_are_refused_for_class_aware_methods():
     net = conv_gn_net()
     opt = timm.optim.create_optimizer_v2(net, opt="imbsam", class_counts=CLASS_COUNTS).attach(net)

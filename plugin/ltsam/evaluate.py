@@ -1,7 +1,8 @@
 """``ltsam eval``: a checkpoint of ``ltsam train`` on any number of evaluation sets.
 
     ltsam eval RUN/last.pth.tar --set test=folder:data/val --set sketch=folder:imagenet-sketch/sketch \\
-        --set v2=folder:imagenetv2-matched-frequency --set c=imagenet-c:ImageNet-C --set mine=list:test.txt
+        --set v2=folder:imagenetv2-matched-frequency --set c=imagenet-c:ImageNet-C --set mine=list:test.txt \\
+        --set cgen=corrupt:data/val --corruptions common --severities 1,2,3,4,5
 
 The model is rebuilt from the checkpoint's own arguments (model, ``--finetune`` tuner, classifier) and loads its
 weights strictly; the training class counts (the run folder's ``class_counts.json``) give Many / Medium / Few.
@@ -10,8 +11,10 @@ Every set reports top-1, mean per-class accuracy, Many / Medium / Few and per-cl
 Labels: a ``list`` set gives them; a ``folder`` set maps its class folders by name: the training class names,
 else class numbers (ImageNet-V2's folders), else WordNet ids in ImageNet-1k's order (timm's ``ImageNetInfo``:
 ImageNet-Sketch, ImageNet-C), never by position. ``imagenet-c`` reads ``CORRUPTION/SEVERITY/<wnid>/`` folders
-and adds the mean over them and a corruption x severity table. A label outside the training classes is an
-error naming the set.
+and adds the mean over them and a corruption x severity table. ``corrupt`` generates the same from a clean
+folder with the ``imagecorruptions`` package (:mod:`ltsam.corruptions`: ``--corruptions``, ``--severities``,
+default ImageNet-C's 15 x 5) and reports exactly as ``imagenet-c`` does. A label outside the training classes
+is an error naming the set.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ltsam import corruptions
 from ltsam.data.files import ImageListDataset, read_image_folder, read_list
 from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report
 from ltsam.train import data as train_data
@@ -36,7 +41,7 @@ from ltsam.train.model import build_model
 from ltsam.tte import tte_transform
 from ltsam_common import train_args
 
-KINDS = ("folder", "list", "imagenet-c")
+KINDS = ("folder", "list", "imagenet-c", "corrupt")
 WNID = re.compile(r"^n\d{8}$")
 
 
@@ -59,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average logits over the image and its mirror image")
     parser.add_argument("--tte", default="none", choices=("none", *train_args.TTE_CROPS),
                         help="test-time ensembling over five (ten) crops of the image resized by 248/224")
+    parser.add_argument("--corruptions", default=None,
+                        help="corrupt sets: corruption names or groups (common, validation, all, noise, blur, "
+                             "weather, digital), comma-separated (default: common, ImageNet-C's 15)")
+    parser.add_argument("--severities", default=None, help="corrupt sets: comma-separated 1-5 (default: all five)")
     parser.add_argument("--output", default=None, help="folder of results.json (default: CHECKPOINT's folder/eval)")
     return parser
 
@@ -97,21 +106,23 @@ def folder_labels(name: str, folders: list[str], classes: list[str], num_classes
                        "number nor an ImageNet WordNet id")
 
 
-def folder_set(name: str, root: Path, classes: list[str], counts: list[int]) -> ImageListDataset:
+def folder_set(name: str, root: Path, classes: list[str], counts: list[int], transform) -> ImageListDataset:
     try:
         samples, folders = read_image_folder(root)
     except (FileNotFoundError, RuntimeError) as err:
         raise EvalSetError(f"eval set '{name}': {err}") from None
     mapping = folder_labels(name, folders, classes, len(counts))
     samples = [(path, mapping[folders[label]]) for path, label in samples]
-    return ImageListDataset(samples, class_counts=counts, classes=classes, source=f"eval set '{name}'")
+    return ImageListDataset(samples, class_counts=counts, classes=classes, source=f"eval set '{name}'",
+                            transform=transform)
 
 
-def list_set(name: str, path: Path, root: Path | None, classes: list[str], counts: list[int]) -> ImageListDataset:
+def list_set(name: str, path: Path, root: Path | None, classes: list[str], counts: list[int],
+             transform) -> ImageListDataset:
     try:
         samples, origins = read_list(path, root or path.parent, num_classes=len(counts))
         return ImageListDataset(samples, class_counts=counts, classes=classes, source=f"eval set '{name}' ({path})",
-                                origins=origins)
+                                origins=origins, transform=transform)
     except (FileNotFoundError, ValueError) as err:
         raise EvalSetError(f"eval set '{name}': {err}") from None
 
@@ -123,6 +134,35 @@ def imagenet_c_sets(name: str, root: Path) -> list[tuple[str, str, int, Path]]:
     if not found:
         raise EvalSetError(f"eval set '{name}': '{root}' holds no CORRUPTION/SEVERITY folders (ImageNet-C layout)")
     return found
+
+
+def corrupt_sets(name: str, clean: ImageListDataset, options: argparse.Namespace, data_config: dict,
+                 plain_tf: T.Compose, in_chans: int) -> list[tuple[str, Dataset, tuple[str, str, int]]]:
+    """One generated set per (corruption, severity), named as ``imagenet-c`` names its folders: the clean
+    image at the model's input size (``plain_tf``'s resize and crop) is corrupted, then goes through what a
+    stored ImageNet-C image would: grey for a one-channel model, ``plain_tf``'s tensor steps or TTE's crops."""
+    corruption_names, severities = corruptions.select(options.corruptions or "common",
+                                                      options.severities or "1,2,3,4,5")
+    height, width = data_config["input_size"][-2:]
+    if min(height, width) < corruptions.MIN_SIZE:
+        raise EvalSetError(f"eval set '{name}': imagecorruptions needs images of at least {corruptions.MIN_SIZE} x "
+                           f"{corruptions.MIN_SIZE} pixels, the model's input is {height} x {width}")
+    try:
+        corruptions.check_runs(corruption_names, severities)
+    except corruptions.CorruptionError as err:
+        raise EvalSetError(f"eval set '{name}': {err}") from None
+    crop, to_tensor = corruptions.split_at_tensor(plain_tf)
+    finish = eval_transform(data_config, options.tte, in_chans, to_tensor)
+    return [(f"{name}/{corruption}/{severity}", corruptions.CorruptedImages(clean, corruption, severity, crop, finish),
+             (name, corruption, severity)) for corruption in sorted(corruption_names)  # as imagenet-c's folders
+            for severity in severities]
+
+
+def eval_transform(data_config: dict, tte: str, in_chans: int, plain: T.Compose) -> T.Compose:
+    """``plain`` (from an image at the model's input size on) or ``--tte``'s crops; grey for a one-channel model:
+    image files are read as RGB, and a grey model takes them back to one channel (exactly)."""
+    transform = tte_transform(data_config, tte) if tte != "none" else plain
+    return T.Compose([T.Grayscale(1), transform]) if in_chans == 1 else transform
 
 
 def load_run(checkpoint: Path) -> tuple[argparse.Namespace, dict]:
@@ -146,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         sets = [parse_set(text) for text in options.sets]
         if not sets:
             raise EvalSetError("no evaluation set: add --set NAME=KIND:PATH")
+        if (options.corruptions or options.severities) and not any(kind == "corrupt" for _, kind, _ in sets):
+            raise EvalSetError("--corruptions and --severities choose what corrupt sets generate; add --set "
+                               "NAME=corrupt:CLEAN_FOLDER")
         run(options, sets, console)
-    except EvalSetError as err:
+    except (EvalSetError, corruptions.CorruptionError) as err:
         print(f"ltsam eval: {err}", file=sys.stderr)
         return 2
     return 0
@@ -168,29 +211,28 @@ def run(options: argparse.Namespace, sets: list[tuple[str, str, Path]], console:
     model, _ = build_model(args, classes, checkpoint.parent, True, lambda: None)
     model.load_state_dict(state_dict)
     model = model.to(device).eval()
-    data_config, _, eval_tf = train_data.build_transforms(args, model)
-    if options.tte != "none":
-        eval_tf = tte_transform(data_config, options.tte)
-    if args.in_chans == 1:  # image files are read as RGB; a grey model takes them back to one channel (exactly)
-        eval_tf = T.Compose([T.Grayscale(1), eval_tf])
+    data_config, _, plain_tf = train_data.build_transforms(args, model)
+    eval_tf = eval_transform(data_config, options.tte, args.in_chans, plain_tf)
     loader_args = argparse.Namespace(batch_size=options.batch_size, validation_batch_size=options.batch_size,
                                      workers=options.workers, seed=0)
 
-    datasets: list[tuple[str, ImageListDataset, tuple[str, str, int] | None]] = []
+    datasets: list[tuple[str, Dataset, tuple[str, str, int] | None]] = []
     for name, kind, path in sets:
         if kind == "folder":
-            datasets.append((name, folder_set(name, path, classes, counts), None))
+            datasets.append((name, folder_set(name, path, classes, counts, eval_tf), None))
         elif kind == "list":
             root = Path(options.data_root) if options.data_root else None
-            datasets.append((name, list_set(name, path, root, classes, counts), None))
-        else:
+            datasets.append((name, list_set(name, path, root, classes, counts, eval_tf), None))
+        elif kind == "imagenet-c":
             for set_name, corruption, severity, folder in imagenet_c_sets(name, path):
-                datasets.append((set_name, folder_set(set_name, folder, classes, counts),
+                datasets.append((set_name, folder_set(set_name, folder, classes, counts, eval_tf),
                                  (name, corruption, severity)))
+        else:
+            clean = folder_set(name, path, classes, counts, None)
+            datasets += corrupt_sets(name, clean, options, data_config, plain_tf, args.in_chans)
 
     reports, corrupted = {}, {}
     for name, dataset, c_key in datasets:
-        dataset.transform = eval_tf
         loader = train_data.eval_loader(loader_args, dataset, 0, 1, device.type == "cuda")
         reports[name] = evaluate(model, loader, meter, options.tta, nullcontext, device)
         if c_key is not None:
@@ -217,7 +259,8 @@ def run(options: argparse.Namespace, sets: list[tuple[str, str, Path]], console:
 
 def corruption_table(name: str, result: dict) -> Table:
     severities = sorted({s for by in result["by_severity"].values() for s in by})
-    table = Table(title=f"{name}: top-1 (%) by corruption and severity; mean {100 * result['mean_top1']:.2f}")
+    table = Table(title=f"{name}: top-1 (%) by corruption and severity; mean over {len(result['by_corruption'])} "
+                        f"corruptions {100 * result['mean_top1']:.2f}")
     table.add_column("corruption")
     for severity in severities:
         table.add_column(str(severity), justify="right")

@@ -13,7 +13,9 @@ Their running buffers are *replayable*: the engine records the batch statistics 
 re-applies them where the official schedule ran a forward the engine skips. Any other module in training
 mode that holds ``running_mean`` / ``running_var`` buffers (a custom BatchNorm) is treated as coupled, so
 every pass forwards the whole (micro-)batch and gradients stay exact, but its buffers are not replayed; the
-engine says so in its log. Frozen BatchNorm (timm's, torchvision's: ``Frozen`` in the class name) is per-sample.
+engine says so in its log. Frozen BatchNorm (timm's, torchvision's: ``Frozen`` in the class name) is
+per-sample. timm's DropBlock2d in training scales its mask by the whole batch's keep rate: coupled, without
+buffers. The policy also lists the per-sample random layers (:mod:`ltsam.optim.random_layers`).
 
 SyncBatchNorm under torch.distributed normalises with the statistics of all ranks; the replay combines the
 recorded per-rank statistics the same way (one all-reduce over every SyncBatchNorm layer), so the running
@@ -30,6 +32,8 @@ import torch.distributed as dist
 from timm.layers import EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
+
+from ltsam.optim.random_layers import is_batch_coupled_random, is_random
 
 _logger = logging.getLogger("ltsam.optim")
 _EVONORM_B = (EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2)
@@ -61,12 +65,20 @@ class BatchPolicy:
     replayable: list[nn.Module] = field(default_factory=list)  # allow-listed, training, with running buffers
     coupled_other: list[nn.Module] = field(default_factory=list)  # allow-listed without buffers, or unknown
     unknown: list[str] = field(default_factory=list)  # names of unknown layers with running buffers
+    random: list[str] = field(default_factory=list)  # names of per-sample random layers drawing now
 
     @property
     def coupled(self) -> bool:
         return bool(self.replayable or self.coupled_other)
 
     def summary(self) -> str:
+        random = ""
+        if self.random:
+            random = (f"; random layers ({len(self.random)}, e.g. {self.random[0]}): each sample forwarded once "
+                      "per point, as the official code")
+        return self._coupling() + random
+
+    def _coupling(self) -> str:
         if not self.coupled:
             return "no batch-coupled layer: passes forward only the samples their weighting needs"
         kinds: dict[str, int] = {}
@@ -84,7 +96,11 @@ def batch_policy(model: nn.Module) -> BatchPolicy:
     """The model's batch coupling now (training mode can change between steps, so the engine asks each step)."""
     policy = BatchPolicy()
     for name, module in model.named_modules():
-        if is_batch_coupled(module):
+        if is_random(module):
+            policy.random.append(f"{name} ({type(module).__name__})")
+        if is_batch_coupled_random(module):
+            policy.coupled_other.append(module)
+        elif is_batch_coupled(module):
             tracks = getattr(module, "running_var", None) is not None and module.training
             (policy.replayable if tracks else policy.coupled_other).append(module)
         elif (module.training and _has_running_stats(module) and not isinstance(module, (_BatchNorm, *_EVONORM_B))

@@ -45,10 +45,17 @@ skips); under SyncBatchNorm the replay uses the statistics of all ranks (one all
 itself does, so ``--sync-bn`` stays exact. ``bn_mode="freeze"`` is davda54/sam's bypass: momentum 0 during
 every perturbed forward, ``num_batches_tracked`` still counting it.
 
+**Random layers** (dropout, stochastic depth: :mod:`ltsam.optim.random_layers`). Each sample is forwarded
+once per point with gradient, as in the official codes, so the step has the official step's distribution;
+with BatchNorm the replays become forwards at w (fresh masks, as the official repeated forward), and a
+compiled model that would need two forwards of one sample at w is refused.
+
 **fp16.** With an enabled ``GradScaler`` every backward is scaled by the scaler's scale (a device tensor);
 a step whose gradient is not finite is skipped by ``scaler.step`` and counted in ``skipped_steps``, and the
 engine puts the batch-coupled layers' buffers back exactly as they were before the step (the perturbed
-forward at w + NaN would poison them). Parameters are restored by copy and momentum is untouched.
+forward at w + NaN would poison them), also for the classic closure (which scales its own backward).
+Parameters are restored by copy and momentum is untouched. :meth:`SAMFamily.apply_gradient` unscales G once and
+calls a trainer's hook before the scaler's step (Lightning's ``on_before_optimizer_step``: ``ltsam.lightning``).
 
 **DDP.** Gradients taken with ``torch.autograd.grad`` are all-reduced by the engine: one flattened
 all-reduce for all perturbation directions of the step, one for the update G at the end (all-reduce is
@@ -158,8 +165,9 @@ class PassPlan:
     at_w: list[Pass]
     groups: list[tuple[int, PerturbedPass | None]]  # per group, in order: BN replays before it, its passes
     record: bool  # record the batch statistics of the forwards at w, for the replays
-    # a compiled model runs no forward hooks added after compiling: each replay is then a forward at w
-    # without gradient over these (every micro-batch's samples), the official forward minus its backward
+    # a compiled model runs no forward hooks added after compiling, and random layers draw new masks in the
+    # official repeated forward: each replay is then a forward at w without gradient over these (every
+    # micro-batch's samples), the official forward minus its backward
     replay_forwards: list[Pass] = field(default_factory=list)
     syncs: list[str] = field(default_factory=list)  # the all-reduces, in order (empty without DDP)
 
@@ -387,17 +395,32 @@ class SAMFamily(OptimizerProtocol):
         for ``sam`` / ASAM it may also be the classic one (zero_grad, forward, backward, return the loss), as in
         davda54/sam. ``targets`` may come from :meth:`set_targets` instead.
         """
-        params, total, loss_value = self.sam_gradient(closure, targets, scaler, micro_batches)
-        for p, g in zip(params, total):
+        return self.apply_gradient(*self.sam_gradient(closure, targets, scaler, micro_batches), scaler=scaler)
+
+    @torch.no_grad()
+    def apply_gradient(self, params: list[Tensor], grads: list[Tensor], loss: Tensor,
+                       scaler: torch.amp.GradScaler | None = None,
+                       before_update: Callable[[], None] | None = None) -> Tensor:
+        """The second half of :meth:`step`: ``p.grad = G`` (from :meth:`sam_gradient`), then the base optimizer's
+        update. With an enabled ``GradScaler`` (the one ``sam_gradient`` scaled with) G is unscaled, a step whose G
+        is not finite is skipped and counted, and ``scaler.update()`` runs. ``before_update`` runs once, with the
+        unscaled G in ``p.grad``, just before the update: a trainer's hook point (Lightning's
+        ``on_before_optimizer_step`` and gradient clipping). Returns ``loss``."""
+        for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
-        if scaler is not None and scaler.is_enabled():
+        scaled = scaler is not None and scaler.is_enabled()
+        if scaled:
             self._skipped = self._skipped + self._last_finite.logical_not().long()
+            scaler.unscale_(self.base_optimizer)  # what scaler.step would do first; the hook sees unscaled G
+        if before_update is not None:
+            before_update()
+        if scaled:
             scaler.step(self.base_optimizer)
             scaler.update()
         else:
             self.base_optimizer.step()
-        self.last_loss = loss_value
-        return loss_value
+        self.last_loss = loss
+        return loss
 
     @torch.no_grad()
     def sam_gradient(
@@ -424,7 +447,8 @@ class SAMFamily(OptimizerProtocol):
                 with torch.enable_grad():
                     loss = closure()
                 if isinstance(loss, Tensor) and loss.dim() == 0:
-                    return self._classic_gradient(closure, loss, params, scaler, FrozenMomentum([]))
+                    return self._finite_or_restored(self._classic_gradient(closure, loss, params,
+                                                                           FrozenMomentum([])), scaler)
             self._check_model()
         policy = batch_policy(self._model)
         self._policy_log(policy, self.subset_forward)
@@ -448,7 +472,9 @@ class SAMFamily(OptimizerProtocol):
                 losses = closure()
             if isinstance(losses, Tensor) and losses.dim() == 0:  # the classic closure: it back-propagated
                 frozen = policy.replayable if self.bn_mode == "freeze" else []
-                return self._classic_gradient(closure, losses, params, scaler, FrozenMomentum(frozen))
+                return self._finite_or_restored(self._classic_gradient(closure, losses, params,
+                                                                       FrozenMomentum(frozen)),
+                                                scaler, protected, before)
             first = self._checked(losses, None if targets is None else targets.shape[0], None, chunk=0)
         if targets is None:
             batch_size, device = first.shape[0], first.device
@@ -456,25 +482,29 @@ class SAMFamily(OptimizerProtocol):
             batch_size, device = targets.shape[0], targets.device
         plan = self._plan(targets, batch_size, micro_batches, device, split=not coupled and not whole,
                           reuse_first=first is not None, replay=bool(recorder.layers),
-                          one_vjp_per_forward=is_compiled(self._model))
+                          one_vjp_per_forward=is_compiled(self._model), random_layers=policy.random)
         total, loss_value = self._execute(plan, closure, params, scale, first, recorder, policy)
+        return self._finite_or_restored((params, total, loss_value), scaler, protected, before)
 
-        if scale is not None:  # an overflowing step is skipped: put the BN buffers back as they were
-            self._last_finite = torch.stack(torch._foreach_norm(total, float("inf"))).isfinite().all()
+    def _finite_or_restored(self, result: tuple[list[Tensor], list[Tensor], Tensor],
+                            scaler: torch.amp.GradScaler | None, protected: Sequence[Tensor] = (),
+                            before: Sequence[Tensor] = ()) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """With an enabled GradScaler: whether G is finite (the scaler will skip the step otherwise), and for a
+        step it will skip, the batch-coupled layers' buffers put back as they were before the step."""
+        if scaler is not None and scaler.is_enabled():
+            self._last_finite = torch.stack(torch._foreach_norm(result[1], float("inf"))).isfinite().all()
             for buffer, saved in zip(protected, before):
                 buffer.copy_(torch.where(self._last_finite, buffer, saved))
-        return params, total, loss_value
+        return result
 
     def _classic_gradient(self, closure: Callable[[], Tensor], loss: Tensor, params: list[Tensor],
-                          scaler: torch.amp.GradScaler | None, frozen: FrozenMomentum,
-                          ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+                          frozen: FrozenMomentum) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """davda54's two passes for a closure that back-propagates itself (it has just run at w): perturb along
         p.grad, run it again at w + eps (BatchNorm momentum 0 there with ``bn_mode="freeze"``), come back to w.
         With a GradScaler the closure scales its own backward (``scaler.scale(loss).backward()``)."""
-        self._two_pass_group("a closure that calls backward itself")
         self.last_passes = PassCount.zero(1)
         self.last_passes.add(0, forward=1, backward=1)
-        self.first_step(zero_grad=True)
+        self._first_step("a closure that calls backward itself", zero_grad=True)
         try:
             with torch.enable_grad(), frozen:
                 closure()
@@ -482,8 +512,6 @@ class SAMFamily(OptimizerProtocol):
             self._restore()
         self.last_passes.add(0, forward=1, backward=1)
         total = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        if scaler is not None and scaler.is_enabled():
-            self._last_finite = torch.stack(torch._foreach_norm(total, float("inf"))).isfinite().all()
         return params, total, loss.detach()
 
     # -- davda54's two-pass form (sam / ASAM) ------------------------------------------------------------
@@ -493,7 +521,16 @@ class SAMFamily(OptimizerProtocol):
         davda54/sam's ``first_step``; then run your second forward and backward and call :meth:`second_step`.
         Only for methods with one group perturbed over every sample (``sam`` / ASAM): the class-aware methods
         need per-sample losses and ``step(closure, targets=y)``."""
-        group = self._two_pass_group("first_step()")
+        if self._shared.two_pass_refused:
+            raise RuntimeError(f"{type(self).__name__}.first_step() {self._shared.two_pass_refused}")
+        self._first_step("first_step()", zero_grad)
+        if self._model is not None:  # for second_step(scaler=...): the buffers the perturbed forward will change
+            policy = batch_policy(self._model)
+            coupled = buffers_of(policy.replayable + policy.coupled_other)
+            self._shared.buffers_at_w = list(zip(coupled, [b.clone() for b in coupled]))
+
+    def _first_step(self, what: str, zero_grad: bool) -> None:
+        group = self._two_pass_group(what)
         if self._shared.backup is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step() called twice: call second_step() in between")
         params = [p for p in self._model_params if p.requires_grad]
@@ -508,11 +545,22 @@ class SAMFamily(OptimizerProtocol):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
         """Back to w, then the base optimizer's step with the gradients at w + eps now in ``p.grad``. To clip,
-        call ``clip_grad_norm_`` between your second backward and this call."""
+        call ``clip_grad_norm_`` between your second backward and this call (with a scaler: after
+        ``scaler.unscale_(opt.base_optimizer)``).
+
+        With fp16, scale both backwards (``scaler.scale(loss).backward()``; the scale cancels in eps's direction)
+        and pass the ``GradScaler`` here: G is unscaled, a step whose G is not finite is skipped and counted in
+        ``skipped_steps``, and ``scaler.update()`` runs, as in :meth:`step`. A skipped step also puts back the
+        BatchNorm buffers that the forward at w + eps changed (for an attached model)."""
+        saved, self._shared.buffers_at_w = self._shared.buffers_at_w, []
         self._restore()
-        self.base_optimizer.step()
+        params = [p for p in self._model_params if p.requires_grad]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        self._finite_or_restored((params, grads, self.last_loss), scaler, [b for b, _ in saved],
+                                 [c for _, c in saved])
+        self.apply_gradient(params, grads, self.last_loss, scaler)
         if zero_grad:
             self.zero_grad()
 
@@ -538,11 +586,13 @@ class SAMFamily(OptimizerProtocol):
         coupled = policy.coupled if self.subset_forward is None else not self.subset_forward
         replay = coupled and self.bn_mode == "reference" and bool(policy.replayable)
         return self._plan(targets, targets.shape[0], micro_batches, targets.device, not coupled, False, replay,
-                          one_vjp_per_forward=self._model is not None and is_compiled(self._model))
+                          one_vjp_per_forward=self._model is not None and is_compiled(self._model),
+                          random_layers=policy.random)
 
     # -- planning --------------------------------------------------------------------------------------
     def _plan(self, targets: Tensor | None, batch_size: int, micro_batches: int, device: torch.device,
-              split: bool, reuse_first: bool, replay: bool, one_vjp_per_forward: bool = False) -> PassPlan:
+              split: bool, reuse_first: bool, replay: bool, one_vjp_per_forward: bool = False,
+              random_layers: Sequence[str] = ()) -> PassPlan:
         if micro_batches > batch_size:
             raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {batch_size}")
         self._checks = []
@@ -572,6 +622,14 @@ class SAMFamily(OptimizerProtocol):
                 "(drop --torchcompile), or compile a model without BatchNorm (LayerNorm/GroupNorm, ViTs) and give "
                 "the closure an index argument"
             )
+        if one_vjp_per_forward and random_layers and not support.disjoint([bits for _, _, bits in at_w]):
+            raise ValueError(
+                f"{type(self).__name__} on a compiled model with random layers active ({random_layers[0]}"
+                f"{f' and {len(random_layers) - 1} more' if len(random_layers) > 1 else ''}): this step takes "
+                f"{len(at_w)} gradients at w of the same samples, which the official code takes from one forward "
+                "(one dropout mask per sample); a compiled graph gives one gradient per forward, and forwarding "
+                "again would draw new masks; train uncompiled (drop --torchcompile) or set the drop rates to 0"
+            )
 
         passes = []
         for c in range(len(chunks)):
@@ -598,7 +656,8 @@ class SAMFamily(OptimizerProtocol):
         if is_distributed():
             syncs = ([", ".join(p.direction for _, p in plan_groups if p)] if any(active) else []) + ["G"]
         replays = any(r for r, _ in plan_groups)
-        if replays and one_vjp_per_forward:
+        # recorded statistics replay the masks of the forward at w; the official repeated forward draws anew
+        if replays and (one_vjp_per_forward or random_layers):
             return PassPlan(micro_batches, passes, plan_groups, record=False, syncs=syncs,
                             replay_forwards=[Pass(p.chunk, p.index, p.size, []) for p in passes])
         return PassPlan(micro_batches, passes, plan_groups, record=replays, syncs=syncs)

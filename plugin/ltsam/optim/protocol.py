@@ -44,6 +44,8 @@ class SharedState:
     last_loss: Tensor | None = None
     targets: Tensor | None = None  # set_targets(): consumed by the next step
     backup: list[Tensor] | None = None  # the weights at w between first_step() and second_step()
+    buffers_at_w: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)  # (buffer, copy): second_step
+    two_pass_refused: str | None = None  # why first_step() cannot be right in this trainer (ltsam.lightning sets it)
 
 
 def _shared(name: str, doc: str) -> property:
