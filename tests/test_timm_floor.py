@@ -6,7 +6,8 @@ CI (.ci/run) runs the suite at the newest timm and the optimizer and hook tests 
 these tables are checked against a real timm at both ends. The release that introduced each name was found by
 installing each timm 1.0.x with ``pip install --no-deps --target DIR timm==1.0.N`` and importing ltsam with it
 (timm 1.0.11 has no optimizer registry: ``get_optimizer_info``, ``OptimInfo`` and ``default_registry`` are new in
-1.0.12).
+1.0.12; in 1.0.12 timm's gradient checkpointing is torch's reentrant form, which refuses the ``torch.autograd.grad``
+every SAM step takes: ``model.set_grad_checkpointing()`` or train.py's ``--grad-checkpointing`` would fail).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ INSTALLED = version.parse(timm.__version__)
 FLOOR_NEEDS = {
     "timm.optim._optim_factory:default_registry": "1.0.12",  # ltsam.optim.registry
     "timm.optim:get_optimizer_info": "1.0.12",  # ltsam.optim.engine: the base optimizer's metadata
+    # timm's checkpoint() / checkpoint_seq() non-reentrant by default (tests/test_optim_dropout.py checkpoints)
+    "timm.layers:use_reentrant_ckpt": "1.0.13",
 }
 
 
