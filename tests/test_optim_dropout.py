@@ -161,3 +161,18 @@ def test_a_compiled_model_that_would_forward_a_sample_twice_at_w_is_refused():
     before = model.head.weight.detach().clone()
     imbsam.step(closure_for(compiled, x, y), targets=y)
     assert not torch.equal(before, model.head.weight)
+
+
+def test_re_entrant_checkpointing_is_refused_saying_how_to_turn_it_off():
+    torch.manual_seed(0)
+    model = dropout_vit()
+    model.set_grad_checkpointing(True)
+    opt = make_optimizer("imbsam", model)
+    x, y = data("one tail", seed=0)[0]
+    timm.layers.set_reentrant_ckpt(True)
+    try:
+        with pytest.raises(RuntimeError, match=r"re-entrant gradient checkpointing.*unset TIMM_REENTRANT_CKPT"):
+            opt.step(closure_for(model, x, y), targets=y)
+    finally:
+        timm.layers.set_reentrant_ckpt(False)
+    opt.step(closure_for(model, x, y), targets=y)  # the non-re-entrant default steps

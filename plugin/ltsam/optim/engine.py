@@ -742,8 +742,7 @@ class SAMFamily(OptimizerProtocol):
                 objective = (losses.to(dtype) * weights).sum()
                 if scale is not None:
                     objective = objective * scale
-                grads = list(torch.autograd.grad(objective, params, retain_graph=i < len(p.vjps) - 1,
-                                                 allow_unused=True))
+                grads = _gradients(objective, params, retain_graph=i < len(p.vjps) - 1)
             self.last_passes.add(p.chunk, backward=1)
             if name in acc:  # the accumulator is the engine's own: adding into it is safe
                 added = [(a, g) for a, g in zip(acc[name], grads) if g is not None]
@@ -901,6 +900,20 @@ def is_compiled(model: nn.Module) -> bool:
 
     return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
                for m in model.modules())
+
+
+def _gradients(objective: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor | None]:
+    """``torch.autograd.grad``; torch's refusal of re-entrant checkpointing says how to turn it off in timm."""
+    try:
+        return list(torch.autograd.grad(objective, params, retain_graph=retain_graph, allow_unused=True))
+    except RuntimeError as err:
+        if "use_reentrant=True" not in str(err):
+            raise
+        raise RuntimeError(
+            "the model uses re-entrant gradient checkpointing, which cannot give the engine its gradients "
+            "(torch.autograd.grad); use the non-re-entrant kind: unset TIMM_REENTRANT_CKPT (timm's default from "
+            "1.0.13, or timm.layers.set_reentrant_ckpt(False)), or torch.utils.checkpoint(..., use_reentrant=False)"
+        ) from err
 
 
 def _own(grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor]:
