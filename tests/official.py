@@ -7,13 +7,18 @@ import torch
 from torch import nn
 
 
-def _grads(model: nn.Module) -> list[torch.Tensor]:
-    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+def _grads(model: nn.Module) -> list[torch.Tensor | None]:
+    """p.grad of each parameter; None where the backward did not reach it (the official codes skip those)."""
+    return [p.grad.detach().clone() if p.grad is not None else None for p in model.parameters()]
 
 
-def _perturb(model: nn.Module, grads: list[torch.Tensor], rho: float, delta: float) -> list[torch.Tensor]:
-    norm = torch.norm(torch.stack([g.norm(2) for g in grads]), 2)
-    eps = [g * (rho / (norm + delta)) for g in grads]
+def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _perturb(model: nn.Module, grads: list[torch.Tensor | None], rho: float, delta: float) -> list[torch.Tensor]:
+    norm = torch.norm(torch.stack([g.norm(2) for g in grads if g is not None]), 2)
+    eps = [torch.zeros_like(p) if g is None else g * (rho / (norm + delta)) for p, g in zip(model.parameters(), grads)]
     with torch.no_grad():
         for p, e in zip(model.parameters(), eps):
             p.add_(e)
@@ -26,9 +31,10 @@ def _restore(model: nn.Module, eps: list[torch.Tensor]) -> None:
             p.sub_(e)
 
 
-def _set_grads(model: nn.Module, grads: list[torch.Tensor]) -> None:
+def _set_grads(model: nn.Module, grads: list[torch.Tensor | None]) -> None:
+    """Gradients for the base step; a parameter without one keeps None, so torch's optimizers skip it."""
     for p, g in zip(model.parameters(), grads):
-        p.grad = g.clone()
+        p.grad = None if g is None else g.clone()
 
 
 def per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -79,7 +85,7 @@ def imbsam_step(model, opt, x, y, tail_classes, rho, tail_weight=2.0):
     opt.zero_grad()
     (tail_weight * per_sample(model, x, y)[tail].sum() / batch).backward()
     _restore(model, eps)
-    _set_grads(model, [h + g for h, g in zip(head_grads, _grads(model))])
+    _set_grads(model, [_sum(h, g) for h, g in zip(head_grads, _grads(model))])
     opt.step()
 
 
@@ -96,7 +102,7 @@ def ssesam_step(model, opt, x, y, tail_classes, head_rho, tail_rho):
         (per_sample(model, x, y)[mask].sum() / batch).backward()
         _restore(model, eps)
         grads = _grads(model)
-        total = grads if total is None else [t + g for t, g in zip(total, grads)]
+        total = grads if total is None else [_sum(t, g) for t, g in zip(total, grads)]
     _set_grads(model, total)
     opt.step()
 
@@ -116,5 +122,5 @@ def focalsam_step(model, opt, x, y, class_counts, rho, gamma, lam):
     opt.zero_grad()
     (c * per_sample(model, x, y)).sum().div(batch).backward()
     _restore(model, eps)
-    _set_grads(model, [o + g for o, g in zip(other, _grads(model))])
+    _set_grads(model, [_sum(o, g) for o, g in zip(other, _grads(model))])
     opt.step()

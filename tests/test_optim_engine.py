@@ -70,12 +70,13 @@ def scheme_step(model, opt, x, y, groups, delta, chunks=1):
     """algorithms.md §1 as the official code schedules it: per group, a forward at w (gradients of a and b),
     eps from b's gradient, a forward at w + eps (b's gradient), restore by copy; then the base step with the
     sum. Each full-batch forward runs as ``chunks`` contiguous chunk forwards whose gradients add up."""
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     parts = torch.arange(len(y)).tensor_split(chunks)
 
     def grad_of(weights, part):
         losses = official.per_sample(model, x[part], y[part])
         grads = torch.autograd.grad((losses * weights[part]).sum(), params, allow_unused=True)
+        reached[:] = [r or g is not None for r, g in zip(reached, grads)]
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
     def summed(weights):
@@ -85,6 +86,7 @@ def scheme_step(model, opt, x, y, groups, delta, chunks=1):
         return out
 
     total = [torch.zeros_like(p) for p in params]
+    reached = [False] * len(params)  # a parameter no gradient reached keeps p.grad None: the base step skips it
     for a, b, rho in groups:
         at_w = [torch.zeros_like(p) for p in params]
         direction = [torch.zeros_like(p) for p in params]
@@ -93,17 +95,21 @@ def scheme_step(model, opt, x, y, groups, delta, chunks=1):
             weighted = [(losses * b[part]).sum()] + ([(losses * a[part]).sum()] if a is not None else [])
             for i, (objective, acc) in enumerate(zip(weighted, (direction, at_w))):
                 grads = torch.autograd.grad(objective, params, retain_graph=i < len(weighted) - 1, allow_unused=True)
-                for o, g in zip(acc, grads):
+                for j, (o, g) in enumerate(zip(acc, grads)):
                     if g is not None:
                         o.add_(g)
+                        reached[j] = reached[j] or acc is at_w
         saved = [p.detach().clone() for p in params]
-        official._perturb(model, direction, rho, delta)
+        norm = torch.norm(torch.stack([d.norm(2) for d in direction]), 2)
+        with torch.no_grad():
+            torch._foreach_add_(params, [d * (rho / (norm + delta)) for d in direction])
         perturbed = summed(b)
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
         total = [t + u + g for t, u, g in zip(total, at_w, perturbed)]
-    official._set_grads(model, total)
+    for p, t, r in zip(params, total, reached):
+        p.grad = t if r else None
     opt.step()
 
 

@@ -253,3 +253,39 @@ def test_a_compiled_batchnorm_model_that_needs_two_gradients_of_one_forward_is_r
                                          r"layers.*drop --torchcompile"):
         opt.step(closure_for(model, x, y), targets=y)
     assert all(p.grad is None for p in model.parameters())
+
+
+class PartlyUsedNet(nn.Module):
+    """A frozen layer between trained ones, and an auxiliary head that only the first step's loss uses: a
+    parameter no pass reaches has no gradient, so the base optimizer must skip it (no weight decay, no momentum),
+    as in the official codes and in plain torch training."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3 * 8 * 8, 16)
+        self.frozen = nn.Linear(16, 16).requires_grad_(False)
+        self.head = nn.Linear(16, num_classes)
+        self.aux = nn.Linear(16, num_classes)
+        self.use_aux = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.frozen(torch.tanh(self.embed(x.flatten(1)))))
+        return self.head(h) + (self.aux(h) if self.use_aux else 0)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("method", METHODS)
+def test_a_parameter_no_pass_reaches_is_left_to_the_base_optimizer(method):
+    torch.manual_seed(0)
+    ours = PartlyUsedNet()
+    ref = copy.deepcopy(ours)
+    opt, ref_opt = make_optimizer(method, ours), reference_opt(ref)
+    for step, (x, y) in enumerate(data("one tail", seed=4)):
+        ours.use_aux = ref.use_aux = step == 0
+        opt.step(closure_for(ours, x, y), targets=y)
+        if method == "classradiussam":
+            scheme_step(ref, ref_opt, x, y, scheme(method, y), DELTA[method])
+        else:
+            official_step(method, ref, ref_opt, x, y)
+        assert (ours.aux.weight.grad is None) == (step > 0) and ours.frozen.weight.grad is None
+    assert_close(list(ours.state_dict().values()), list(ref.state_dict().values()), "state entry", atol=2e-6)

@@ -406,6 +406,10 @@ class SAMFamily(OptimizerProtocol):
         is not finite is skipped and counted, and ``scaler.update()`` runs. ``before_update`` runs once, with the
         unscaled G in ``p.grad``, just before the update: a trainer's hook point (Lightning's
         ``on_before_optimizer_step`` and gradient clipping). Returns ``loss``."""
+        listed = {id(p) for p in params}
+        for p in self._model_params:  # a parameter no pass reached: no gradient, so the base step skips it
+            if p.requires_grad and id(p) not in listed:
+                p.grad = None
         for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
         scaled = scaler is not None and scaler.is_enabled()
@@ -483,8 +487,9 @@ class SAMFamily(OptimizerProtocol):
         plan = self._plan(targets, batch_size, micro_batches, device, split=not coupled and not whole,
                           reuse_first=first is not None, replay=bool(recorder.layers),
                           one_vjp_per_forward=is_compiled(self._model), random_layers=policy.random)
-        total, loss_value = self._execute(plan, closure, params, scale, first, recorder, policy)
-        return self._finite_or_restored((params, total, loss_value), scaler, protected, before)
+        total, loss_value, received = self._execute(plan, closure, params, scale, first, recorder, policy)
+        return self._finite_or_restored(_received_only(params, total, received, loss_value), scaler, protected,
+                                        before)
 
     def _finite_or_restored(self, result: tuple[list[Tensor], list[Tensor], Tensor],
                             scaler: torch.amp.GradScaler | None, protected: Sequence[Tensor] = (),
@@ -512,7 +517,7 @@ class SAMFamily(OptimizerProtocol):
             self._restore()
         self.last_passes.add(0, forward=1, backward=1)
         total = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        return params, total, loss.detach()
+        return _received_only(params, total, [p.grad is not None for p in params], loss.detach())
 
     # -- davda54's two-pass form (sam / ASAM) ------------------------------------------------------------
     @torch.no_grad()
@@ -558,8 +563,9 @@ class SAMFamily(OptimizerProtocol):
         self._restore()
         params = [p for p in self._model_params if p.requires_grad]
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        self._finite_or_restored((params, grads, self.last_loss), scaler, [b for b, _ in saved],
-                                 [c for _, c in saved])
+        params, grads, _ = self._finite_or_restored(
+            _received_only(params, grads, [p.grad is not None for p in params], self.last_loss), scaler,
+            [b for b, _ in saved], [c for _, c in saved])
         self.apply_gradient(params, grads, self.last_loss, scaler)
         if zero_grad:
             self.zero_grad()
@@ -677,14 +683,17 @@ class SAMFamily(OptimizerProtocol):
 
     # -- executing -------------------------------------------------------------------------------------
     def _execute(self, plan: PassPlan, closure: LossClosure, params: list[Tensor], scale: Tensor | None,
-                 first: Tensor | None, recorder: StatsRecorder, policy: BatchPolicy) -> tuple[list[Tensor], Tensor]:
+                 first: Tensor | None, recorder: StatsRecorder, policy: BatchPolicy
+                 ) -> tuple[list[Tensor], Tensor, list[bool]]:
+        """Runs the plan; returns G, the mean loss at w, and which parameters got a gradient in G."""
         acc: dict[str, list[Tensor]] = {}
+        received = [False] * len(params)
         loss_sum, seen = torch.zeros((), device=params[0].device), 0
         with recorder if plan.record else contextlib.nullcontext():
             for p in plan.at_w:
                 losses = first if first is not None else self._forward(closure, p.index, p.size, p.chunk)
                 first = None
-                self._vjps(losses, p, params, scale, acc)
+                self._vjps(losses, p, params, scale, acc, received)
                 loss_sum, seen = loss_sum + losses.detach().to(accumulation_dtype(losses.dtype)).sum(), seen + p.size
         # a direction whose samples all sit on other ranks (split passes) is 0 here before the all-reduce
         directions = [acc.pop(g.direction, None) or _zeros(params) for _, g in plan.groups if g is not None]
@@ -702,11 +711,12 @@ class SAMFamily(OptimizerProtocol):
             self._perturb(params, directions.pop(0), group.radius)
             with FrozenMomentum(frozen), torch.enable_grad():
                 for p in group.passes:
-                    self._vjps(self._forward(closure, p.index, p.size, p.chunk), p, params, scale, acc)
+                    self._vjps(self._forward(closure, p.index, p.size, p.chunk), p, params, scale, acc,
+                               received)
             torch._foreach_copy_(params, backup)
         total = acc.pop("G", None) or _zeros(params)
         self._sync(total)
-        return total, loss_sum / max(seen, 1)
+        return total, loss_sum / max(seen, 1), received
 
     def _forward(self, closure: LossClosure, index: Tensor | None, expected: int | None, chunk: int,
                  grad: bool = True) -> Tensor:
@@ -730,8 +740,9 @@ class SAMFamily(OptimizerProtocol):
         return losses
 
     def _vjps(self, losses: Tensor, p: Pass, params: list[Tensor], scale: Tensor | None,
-              acc: dict[str, list[Tensor]]) -> None:
-        """Each weighted gradient on this forward's graph, added into its accumulator."""
+              acc: dict[str, list[Tensor]], received: list[bool]) -> None:
+        """Each weighted gradient on this forward's graph, added into its accumulator; ``received`` marks the
+        parameters that get a gradient in G."""
         for i, (name, weights) in enumerate(p.vjps):
             if isinstance(weights, Tensor) and p.index is not None:
                 weights = weights[p.index]
@@ -744,6 +755,8 @@ class SAMFamily(OptimizerProtocol):
                     objective = objective * scale
                 grads = _gradients(objective, params, retain_graph=i < len(p.vjps) - 1)
             self.last_passes.add(p.chunk, backward=1)
+            if name == "G":
+                received[:] = [r or g is not None for r, g in zip(received, grads)]
             if name in acc:  # the accumulator is the engine's own: adding into it is safe
                 added = [(a, g) for a, g in zip(acc[name], grads) if g is not None]
                 torch._foreach_add_([a for a, _ in added], [g for _, g in added])
@@ -914,6 +927,17 @@ def _gradients(objective: Tensor, params: list[Tensor], retain_graph: bool) -> l
             "(torch.autograd.grad); use the non-re-entrant kind: unset TIMM_REENTRANT_CKPT (timm's default from "
             "1.0.13, or timm.layers.set_reentrant_ckpt(False)), or torch.utils.checkpoint(..., use_reentrant=False)"
         ) from err
+
+
+def _received_only(params: list[Tensor], grads: list[Tensor], received: list[bool], loss: Tensor
+                   ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """(params, G, loss) for the parameters that got a gradient. A parameter no pass reached (an unused head, an
+    expert no sample was routed to) has no gradient in the official codes and in plain torch training, so the
+    base optimizer skips it: a zero G would still apply its weight decay and momentum. Under DDP every rank
+    keeps every parameter (which ones a batch reaches may differ between ranks; the all-reduce needs one list)."""
+    if is_distributed() or all(received):
+        return params, grads, loss
+    return [p for p, r in zip(params, received) if r], [g for g, r in zip(grads, received) if r], loss
 
 
 def _own(grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor]:
