@@ -108,6 +108,7 @@ def scheme_step(model, opt, x, y, groups, delta, chunks=1):
             for p, s in zip(params, saved):
                 p.copy_(s)
         total = [t + u + g for t, u, g in zip(total, at_w, perturbed)]
+    opt.zero_grad()
     for p, t, r in zip(params, total, reached):
         p.grad = t if r else None
     opt.step()

@@ -258,7 +258,8 @@ def test_a_compiled_batchnorm_model_that_needs_two_gradients_of_one_forward_is_r
 class PartlyUsedNet(nn.Module):
     """A frozen layer between trained ones, and an auxiliary head that only the first step's loss uses: a
     parameter no pass reaches has no gradient, so the base optimizer must skip it (no weight decay, no momentum),
-    as in the official codes and in plain torch training."""
+    as in the official codes and in plain torch training. The test also freezes ``embed`` after two steps (with
+    no zero_grad between steps, as in the README's loop): its earlier G must not be applied again."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -282,10 +283,13 @@ def test_a_parameter_no_pass_reaches_is_left_to_the_base_optimizer(method):
     opt, ref_opt = make_optimizer(method, ours), reference_opt(ref)
     for step, (x, y) in enumerate(data("one tail", seed=4)):
         ours.use_aux = ref.use_aux = step == 0
+        if step == 2:
+            ours.embed.requires_grad_(False), ref.embed.requires_grad_(False)
         opt.step(closure_for(ours, x, y), targets=y)
         if method == "classradiussam":
             scheme_step(ref, ref_opt, x, y, scheme(method, y), DELTA[method])
         else:
             official_step(method, ref, ref_opt, x, y)
         assert (ours.aux.weight.grad is None) == (step > 0) and ours.frozen.weight.grad is None
+        assert (ours.embed.weight.grad is None) == (step >= 2)
     assert_close(list(ours.state_dict().values()), list(ref.state_dict().values()), "state entry", atol=2e-6)

@@ -406,9 +406,11 @@ class SAMFamily(OptimizerProtocol):
         is not finite is skipped and counted, and ``scaler.update()`` runs. ``before_update`` runs once, with the
         unscaled G in ``p.grad``, just before the update: a trainer's hook point (Lightning's
         ``on_before_optimizer_step`` and gradient clipping). Returns ``loss``."""
+        # every other parameter gets no gradient, so the base step skips it: one no pass reached, and one frozen
+        # (requires_grad_(False)) since an earlier step, whose p.grad would otherwise still hold that step's G
         listed = {id(p) for p in params}
-        for p in self._model_params:  # a parameter no pass reached: no gradient, so the base step skips it
-            if p.requires_grad and id(p) not in listed:
+        for p in self._model_params:
+            if id(p) not in listed:
                 p.grad = None
         for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
