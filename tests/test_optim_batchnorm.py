@@ -112,3 +112,19 @@ def test_batchnorm_act_from_timm_is_replayed_like_batchnorm(name):
         opt_ours.step(closure_for(ours, x, y), targets=y)
         opt_plain.step(closure_for(plain, x, y), targets=y)
     assert_state_close(ours, plain, tol=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("epoch", [0, 1])  # SSE-SAM stage 1 replays once per step, stage 2 twice
+def test_split_batchnorm_from_timm_is_replayed_split_by_split(epoch):
+    """timm's SplitBatchNorm2d (train.py --split-bn) updates its own buffers from the first split only and each
+    aux_bn from another split: a replay of the whole batch's statistics into it would be wrong."""
+    torch.manual_seed(0)
+    ours = timm.layers.convert_splitbn_model(conv_bn_net(), 2)
+    ref = copy.deepcopy(ours)
+    opt, ref_opt = make("ssesam", ours, epoch=epoch), reference_opt(ref)
+    for x, y in batches(3):
+        opt.step(closure_for(ours, x, y), targets=y)
+        official.ssesam_step(ref, ref_opt, x, y, tail_classes=TAIL, head_rho=0.05 if epoch == 0 else 0.0,
+                             tail_rho=0.1)
+    assert_state_close(ours, ref, tol=1e-6)  # every split's running buffers included

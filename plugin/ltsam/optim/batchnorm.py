@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from timm.layers import EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2
+from timm.layers import EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2, SplitBatchNorm2d
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 
@@ -148,6 +148,9 @@ class StatsRecorder:
 
     def _record(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         x = inputs[0].detach()
+        if isinstance(module, SplitBatchNorm2d) and module.training:
+            # its own buffers see only the first split (each aux_bn, recorded by its own hook, sees another)
+            x = x[: x.shape[0] // module.num_splits]
         x = x.to(accumulation_dtype(x.dtype))
         dims = [d for d in range(x.dim()) if d != 1]
         var, mean = torch.var_mean(x, dims, correction=0)
