@@ -168,3 +168,15 @@ def test_train_finetunes_with_text_head_and_refuses_another_mode_on_resume(tmp_p
     with pytest.raises(SystemExit, match="--finetune vpt-deep does not fit model 'lt_cnn_small'"):
         train_main(["--n-max", "30", "--epochs", "1", "--output", str(tmp_path), "--experiment", "cnn",
                     "--finetune", "vpt-deep"])
+
+
+def test_text_prompts_name_wordnet_id_folders_by_their_imagenet_class():
+    """A folder data set of ImageNet classes (sorted WordNet ids) prompts "a photo of a tench.", not of n01440764."""
+    from argparse import Namespace
+
+    from ltsam.train.model import class_names_for
+
+    args = Namespace(class_names=None, dataset="folder", num_classes=2)
+    assert class_names_for(args, ["n01440764", "n01443537"]) == ["tench", "goldfish"]
+    with pytest.raises(SystemExit, match="class folder 'n99999999' is a WordNet id outside ImageNet-1k"):
+        class_names_for(args, ["n01440764", "n99999999"])

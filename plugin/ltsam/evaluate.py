@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,12 +36,11 @@ from ltsam.data.files import ImageListDataset, read_image_folder, read_list
 from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report
 from ltsam.train import data as train_data
 from ltsam.train.loop import evaluate
-from ltsam.train.model import build_model
+from ltsam.train.model import WNID, build_model
 from ltsam.tte import tte_transform
 from ltsam_common import train_args
 
 KINDS = ("folder", "list", "imagenet-c", "corrupt")
-WNID = re.compile(r"^n\d{8}$")
 
 
 class EvalSetError(ValueError):
