@@ -15,6 +15,7 @@ from test_eval import export_digits
 from ltsam.finetune.pretrained import PretrainedError, create_backbone
 from ltsam.finetune.text import (
     CosineClassifier,
+    check_clip_pair,
     compute_text_features,
     read_class_names,
     set_cosine_classifier,
@@ -180,3 +181,22 @@ def test_text_prompts_name_wordnet_id_folders_by_their_imagenet_class():
     assert class_names_for(args, ["n01440764", "n01443537"]) == ["tench", "goldfish"]
     with pytest.raises(SystemExit, match="class folder 'n99999999' is a WordNet id outside ImageNet-1k"):
         class_names_for(args, ["n01440764", "n99999999"])
+
+
+def test_a_text_tower_of_another_clip_is_refused(tmp_path):
+    """ViT-B-16's text features (the default --clip-model) for a ViT-B/32 image tower, or openai's for a LAION
+    tower, would score the wrong image features silently: refused before any text tower is built."""
+    from ltsam.train.model import build_model
+    from ltsam_common import train_args
+
+    for model, clip_flags, message in [
+        ("vit_base_patch32_clip_224.openai", [], "--clip-model ViT-B-16 \\(--clip-pretrained openai\\) is not the CLIP "
+         "model of --model vit_base_patch32_clip_224.openai: .*; pass --clip-model ViT-B-32 --clip-pretrained openai"),
+        ("vit_base_patch16_clip_224.laion2b", [], "is not the CLIP model of --model vit_base_patch16_clip_224.laion2b"),
+    ]:
+        args = train_args.build_parser().parse_args([
+            "--model", model, "--model-kwargs", "img_size=8", "patch_size=4", "depth=1", "embed_dim=32",
+            "num_heads=2", "--num-classes", "10", "--classifier", "cosine", "--text-init", *clip_flags])
+        with pytest.raises(SystemExit, match=message):
+            build_model(args, NAMES, tmp_path, True, lambda: None)
+    check_clip_pair("vit_large_patch14_clip_336.openai", "ViT-L-14-336-quickgelu", "openai")  # the same CLIP

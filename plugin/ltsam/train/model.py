@@ -12,7 +12,7 @@ from torch import nn
 
 from ltsam.finetune import FinetuneError, FinetuneOptions, prepare_model
 from ltsam.finetune.pretrained import PretrainedError, create_backbone
-from ltsam.finetune.text import read_class_names, set_cosine_classifier, text_features
+from ltsam.finetune.text import check_clip_pair, read_class_names, set_cosine_classifier, text_features
 
 TEXT_CACHE = "text_features.pt"
 WNID = re.compile(r"^n\d{8}$")
@@ -61,6 +61,7 @@ def build_model(args: argparse.Namespace, dataset_names: Sequence[str], out: Pat
         if args.classifier == "cosine":
             weights = None
             if args.text_init:
+                check_clip_pair(args.model, args.clip_model, args.clip_pretrained)
                 cache = Path(args.text_cache) if args.text_cache else out / TEXT_CACHE
                 names = class_names_for(args, dataset_names)
                 if primary:
