@@ -123,6 +123,10 @@ def test_tte_averages_the_logits_of_five_or_ten_crops():
     with torch.no_grad():
         expected = model(five).mean(0)
     torch.testing.assert_close(recorded[0], torch.stack([expected, expected]))
+    evaluate(model, [(batch, torch.zeros(2))], Meter(), True, __import__("contextlib").nullcontext, "cpu")
+    with torch.no_grad():  # --tta with --tte: the crops and their mirror images
+        expected = torch.cat([model(five), model(five.flip(-1))]).mean(0)
+    torch.testing.assert_close(recorded[0], torch.stack([expected, expected]))
 
 
 def test_weights_file_of_another_model_is_refused_by_name(tmp_path):
