@@ -139,6 +139,8 @@ def test_mode_that_does_not_fit_is_refused_by_name():
         prepare_model(cnn, "ln", name="lt_cnn_small")
     with pytest.raises(FinetuneError, match="--finetune 'prompt' is not a fine-tuning mode"):
         prepare_model(tiny_vit(), "prompt")
+    with pytest.raises(FinetuneError, match=r"--lora-rank must be >= 1, got 0"):
+        prepare_model(tiny_vit(), "lora", FinetuneOptions(lora_rank=0))
     with pytest.raises(FinetuneError, match=r"--finetune-blocks 5 must lie in \[1, 2\]"):
         prepare_model(tiny_vit(), "adapter", FinetuneOptions(blocks=5), name="vit")
 

@@ -71,6 +71,9 @@ def prepare_model(model: nn.Module, mode: str, options: FinetuneOptions | None =
     name = name or type(model).__name__
     if mode not in MODES:
         raise FinetuneError(f"--finetune '{mode}' is not a fine-tuning mode; choose one of {', '.join(MODES)}")
+    for flag, size in (("--bottleneck", options.bottleneck), ("--lora-rank", options.lora_rank)):
+        if size is not None and size < 1:  # 0 would silently mean the default size
+            raise FinetuneError(f"{flag} must be >= 1, got {size} (leave it out for LIFT's default)")
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
