@@ -63,9 +63,15 @@ def test_folders_map_by_name_number_or_wordnet_id():
     assert folder_labels("v2", ["0", "999"], [str(c) for c in range(1000)], 1000) == {"0": 0, "999": 999}
     assert folder_labels("v2", ["7", "12"], ["a"] * 1000, 1000) == {"7": 7, "12": 12}
     assert folder_labels("sketch", [wnids[5], wnids[2]], ["x"] * 1000, 1000) == {wnids[5]: 5, wnids[2]: 2}
+    # trained on ImageNet folders (a subset of WordNet ids) or on 1000 folders numbered as ImageNet, sorted as text
+    assert folder_labels("v2", ["2", "5"], [wnids[5], wnids[2]], 2) == {"2": 1, "5": 0}
+    assert folder_labels("sketch", [wnids[2]], [wnids[5], wnids[2]], 2) == {wnids[2]: 1}
+    numbered = sorted(str(c) for c in range(1000))
+    assert folder_labels("sketch", [wnids[10], wnids[2]], numbered, 1000) == {wnids[10]: 2, wnids[2]: 112}
     for folders, classes, message in [
+        (["7"], [wnids[5], wnids[2]], "class folder '7' is an ImageNet class outside the 2 training classes"),
         (["n01440764"], ["a", "b"], "its folders are WordNet ids, but the model has 2 classes, not ImageNet's 1000"),
-        (["n99999999"], ["a"] * 1000, "WordNet id 'n99999999' is not an ImageNet-1k class"),
+        (["n99999999"], ["a"] * 1000, "class folder 'n99999999' is not an ImageNet-1k class"),
         (["12"], ["a"] * 10, "class folder '12' is outside the 10 training classes"),
         (["cat", "emu"], ["cat", "dog"], "class folder 'emu' is neither a training class name"),
     ]:

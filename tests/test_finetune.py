@@ -139,5 +139,32 @@ def test_mode_that_does_not_fit_is_refused_by_name():
         prepare_model(cnn, "ln", name="lt_cnn_small")
     with pytest.raises(FinetuneError, match="--finetune 'prompt' is not a fine-tuning mode"):
         prepare_model(tiny_vit(), "prompt")
+    with pytest.raises(FinetuneError, match=r"--lora-rank must be >= 1, got 0"):
+        prepare_model(tiny_vit(), "lora", FinetuneOptions(lora_rank=0))
     with pytest.raises(FinetuneError, match=r"--finetune-blocks 5 must lie in \[1, 2\]"):
         prepare_model(tiny_vit(), "adapter", FinetuneOptions(blocks=5), name="vit")
+
+
+def test_vit_families_without_class_token_with_swiglu_or_two_heads():
+    """AIMv2's layout (no class token, average pooling, SwiGLU MLP) and DeiT distilled (two heads): VPT prompts
+    stay out of the pooling, SSF and LoRA reach every MLP Linear, both heads train; dynamic sizes refuse VPT."""
+    shrunk = dict(img_size=8, patch_size=4, depth=2, embed_dim=32, num_heads=2, num_classes=5)
+    aimv2 = timm.create_model("aimv2_large_patch14_224", **shrunk)
+    prepare_model(aimv2, "vpt-deep", FinetuneOptions(prompt_length=3))
+    tokens = aimv2.forward_features(torch.randn(2, 3, 8, 8))
+    assert tokens.shape == (2, 3 + 4, 32)
+    torch.testing.assert_close(aimv2.forward_head(tokens, pre_logits=True), tokens[:, 3:].mean(1))
+    for mode, tuned in (("ssf", ["fc1_g.ssf.scale", "fc1_x.ssf.scale", "fc2.ssf.scale"]),
+                        ("lora", ["fc1_g.lora_A.default.weight", "fc1_x.lora_A.default.weight",
+                                  "fc2.lora_A.default.weight"])):
+        model = timm.create_model("aimv2_large_patch14_224", **shrunk)
+        prepare_model(model, mode, FinetuneOptions(lora_rank=1, lora_mlp=True))
+        assert [n for n, p in model.blocks[0].mlp.named_parameters() if p.requires_grad and "shift" not in n
+                and "lora_B" not in n] == tuned, mode
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", **shrunk)
+    trainable = prepare_model(deit, "adaptformer", FinetuneOptions(bottleneck=1))
+    assert {id(p) for p in (*deit.head.parameters(), *deit.head_dist.parameters())} <= {id(p) for p in trainable}
+    dynamic = timm.create_model("vit_tiny_patch16_224", dynamic_img_size=True, **shrunk)
+    with pytest.raises(FinetuneError, match="--finetune vpt-shallow does not fit model 'vit' built with "
+                                            "dynamic_img_size=True"):
+        prepare_model(dynamic, "vpt-shallow", name="vit")

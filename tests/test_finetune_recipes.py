@@ -29,7 +29,7 @@ def test_clip_recipe_parses_into_the_official_setting(name):
     assert (args.opt, args.finetune, args.lr, args.amp) == (opt, finetune, lr, amp)
     assert args.opt_kwargs == {**opt_kwargs, "base": "momentum"}
     assert (args.model, args.pretrained, args.classifier, args.classifier_scale, args.text_init) == (
-        "vit_base_patch16_clip_224.openai", True, "cosine", 25.0, True)
+        "vit_base_patch16_clip_quickgelu_224.openai", True, "cosine", 25.0, True)
     assert (args.loss, args.weight_decay, args.momentum, args.epochs, args.sched, args.min_lr) == (
         "la", 5e-4, 0.9, 20, "cosine", 0.0)
     assert args.batch_size * processes == 128

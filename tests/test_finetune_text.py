@@ -15,6 +15,7 @@ from test_eval import export_digits
 from ltsam.finetune.pretrained import PretrainedError, create_backbone
 from ltsam.finetune.text import (
     CosineClassifier,
+    check_clip_pair,
     compute_text_features,
     read_class_names,
     set_cosine_classifier,
@@ -122,6 +123,10 @@ def test_tte_averages_the_logits_of_five_or_ten_crops():
     with torch.no_grad():
         expected = model(five).mean(0)
     torch.testing.assert_close(recorded[0], torch.stack([expected, expected]))
+    evaluate(model, [(batch, torch.zeros(2))], Meter(), True, __import__("contextlib").nullcontext, "cpu")
+    with torch.no_grad():  # --tta with --tte: the crops and their mirror images
+        expected = torch.cat([model(five), model(five.flip(-1))]).mean(0)
+    torch.testing.assert_close(recorded[0], torch.stack([expected, expected]))
 
 
 def test_weights_file_of_another_model_is_refused_by_name(tmp_path):
@@ -168,3 +173,34 @@ def test_train_finetunes_with_text_head_and_refuses_another_mode_on_resume(tmp_p
     with pytest.raises(SystemExit, match="--finetune vpt-deep does not fit model 'lt_cnn_small'"):
         train_main(["--n-max", "30", "--epochs", "1", "--output", str(tmp_path), "--experiment", "cnn",
                     "--finetune", "vpt-deep"])
+
+
+def test_text_prompts_name_wordnet_id_folders_by_their_imagenet_class():
+    """A folder data set of ImageNet classes (sorted WordNet ids) prompts "a photo of a tench.", not of n01440764."""
+    from argparse import Namespace
+
+    from ltsam.train.model import class_names_for
+
+    args = Namespace(class_names=None, dataset="folder", num_classes=2)
+    assert class_names_for(args, ["n01440764", "n01443537"]) == ["tench", "goldfish"]
+    with pytest.raises(SystemExit, match="class folder 'n99999999' is a WordNet id outside ImageNet-1k"):
+        class_names_for(args, ["n01440764", "n99999999"])
+
+
+def test_a_text_tower_of_another_clip_is_refused(tmp_path):
+    """ViT-B-16's text features (the default --clip-model) for a ViT-B/32 image tower, or openai's for a LAION
+    tower, would score the wrong image features silently: refused before any text tower is built."""
+    from ltsam.train.model import build_model
+    from ltsam_common import train_args
+
+    for model, clip_flags, message in [
+        ("vit_base_patch32_clip_224.openai", [], "--clip-model ViT-B-16 \\(--clip-pretrained openai\\) is not the CLIP "
+         "model of --model vit_base_patch32_clip_224.openai: .*; pass --clip-model ViT-B-32 --clip-pretrained openai"),
+        ("vit_base_patch16_clip_224.laion2b", [], "is not the CLIP model of --model vit_base_patch16_clip_224.laion2b"),
+    ]:
+        args = train_args.build_parser().parse_args([
+            "--model", model, "--model-kwargs", "img_size=8", "patch_size=4", "depth=1", "embed_dim=32",
+            "num_heads=2", "--num-classes", "10", "--classifier", "cosine", "--text-init", *clip_flags])
+        with pytest.raises(SystemExit, match=message):
+            build_model(args, NAMES, tmp_path, True, lambda: None)
+    check_clip_pair("vit_large_patch14_clip_336.openai", "ViT-L-14-336-quickgelu", "openai")  # the same CLIP

@@ -10,7 +10,8 @@ Every set reports top-1, mean per-class accuracy, Many / Medium / Few and per-cl
 
 Labels: a ``list`` set gives them; a ``folder`` set maps its class folders by name: the training class names,
 else class numbers (ImageNet-V2's folders), else WordNet ids in ImageNet-1k's order (timm's ``ImageNetInfo``:
-ImageNet-Sketch, ImageNet-C), never by position. ``imagenet-c`` reads ``CORRUPTION/SEVERITY/<wnid>/`` folders
+ImageNet-Sketch, ImageNet-C; a model trained on ImageNet class folders, all or some, looks both up among its
+own WordNet ids), never by position. ``imagenet-c`` reads ``CORRUPTION/SEVERITY/<wnid>/`` folders
 and adds the mean over them and a corruption x severity table. ``corrupt`` generates the same from a clean
 folder with the ``imagecorruptions`` package (:mod:`ltsam.corruptions`: ``--corruptions``, ``--severities``,
 default ImageNet-C's 15 x 5) and reports exactly as ``imagenet-c`` does. A label outside the training classes
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,12 +37,11 @@ from ltsam.data.files import ImageListDataset, read_image_folder, read_list
 from ltsam.metrics import LongTailAccuracy, plot_per_class, results_table, save_report
 from ltsam.train import data as train_data
 from ltsam.train.loop import evaluate
-from ltsam.train.model import build_model
+from ltsam.train.model import WNID, build_model
 from ltsam.tte import tte_transform
 from ltsam_common import train_args
 
 KINDS = ("folder", "list", "imagenet-c", "corrupt")
-WNID = re.compile(r"^n\d{8}$")
 
 
 class EvalSetError(ValueError):
@@ -81,26 +80,42 @@ def parse_set(text: str) -> tuple[str, str, Path]:
 
 
 def folder_labels(name: str, folders: list[str], classes: list[str], num_classes: int) -> dict[str, int]:
-    """Class folder -> training label: by training class name, class number, or ImageNet WordNet id."""
+    """Class folder -> training label: by training class name, class number, or ImageNet WordNet id.
+
+    Trained on ImageNet class folders (WordNet ids, all or some), a WordNet id or an ImageNet class number
+    (ImageNet-V2) finds its class among them; trained on 1000 folders named by ImageNet class number (sorted as
+    text), a WordNet id finds its number there; any other 1000 classes are taken in ImageNet-1k's order."""
     if set(folders) <= set(classes):
         return {f: classes.index(f) for f in folders}
-    if all(f.isdigit() for f in folders):
+    imagenet_folders = bool(classes) and all(WNID.match(c) for c in classes)
+    if all(f.isdigit() for f in folders) and not imagenet_folders:
         outside = [f for f in folders if int(f) >= num_classes]
         if outside:
             raise EvalSetError(f"eval set '{name}': class folder '{outside[0]}' is outside the {num_classes} "
                                "training classes")
         return {f: int(f) for f in folders}
-    if all(WNID.match(f) for f in folders):
+    if all(WNID.match(f) or (imagenet_folders and f.isdigit()) for f in folders):
         from timm.data import ImageNetInfo
 
         wnids = ImageNetInfo().label_names()
-        if num_classes != len(wnids):
+        if imagenet_folders:
+            label_of = {c: i for i, c in enumerate(classes)}
+        elif num_classes != len(wnids):
             raise EvalSetError(f"eval set '{name}': its folders are WordNet ids, but the model has {num_classes} "
                                f"classes, not ImageNet's {len(wnids)}")
-        unknown = [f for f in folders if f not in wnids]
+        elif all(c.isdigit() for c in classes):
+            label_of = {wnids[int(c)]: i for i, c in enumerate(classes) if int(c) < len(wnids)}
+        else:
+            label_of = {w: i for i, w in enumerate(wnids)}
+        unknown = [f for f in folders if f.isdigit() and int(f) >= len(wnids) or WNID.match(f) and f not in wnids]
         if unknown:
-            raise EvalSetError(f"eval set '{name}': WordNet id '{unknown[0]}' is not an ImageNet-1k class")
-        return {f: wnids.index(f) for f in folders}
+            raise EvalSetError(f"eval set '{name}': class folder '{unknown[0]}' is not an ImageNet-1k class")
+        mapping = {f: label_of.get(wnids[int(f)] if f.isdigit() else f) for f in folders}
+        stray = next((f for f, label in mapping.items() if label is None), None)
+        if stray is not None:
+            raise EvalSetError(f"eval set '{name}': class folder '{stray}' is an ImageNet class outside the "
+                               f"{num_classes} training classes; leave it out of the set")
+        return mapping
     stray = next(f for f in folders if f not in classes)
     raise EvalSetError(f"eval set '{name}': class folder '{stray}' is neither a training class name, a class "
                        "number nor an ImageNet WordNet id")

@@ -7,7 +7,9 @@ optimizer should hold: the SAM-family perturbation and its norm then cover exact
 Placement rule (every tuner mode): the tuner enters each of the last ``blocks`` transformer blocks (default:
 all) of a timm ``VisionTransformer`` whose blocks are timm's pre-norm ``Block``; LoRA goes through ``peft`` on
 those blocks' attention ``qkv`` Linear (timm fuses q, k and v, so the update covers all three) and, with
-``lora_mlp``, their MLP Linears.
+``lora_mlp``, every Linear of their MLP (fc1, fc2; SwiGLU's fc1_g, fc1_x, fc2). VPT prompts follow the prefix
+tokens (class, distillation, register tokens: whichever the model has) and are counted among them, so every
+pooling skips them; DeiT distilled trains both heads.
 """
 
 from __future__ import annotations
@@ -69,19 +71,23 @@ def prepare_model(model: nn.Module, mode: str, options: FinetuneOptions | None =
     name = name or type(model).__name__
     if mode not in MODES:
         raise FinetuneError(f"--finetune '{mode}' is not a fine-tuning mode; choose one of {', '.join(MODES)}")
+    for flag, size in (("--bottleneck", options.bottleneck), ("--lora-rank", options.lora_rank)):
+        if size is not None and size < 1:  # 0 would silently mean the default size
+            raise FinetuneError(f"{flag} must be >= 1, got {size} (leave it out for LIFT's default)")
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return list(model.parameters())
-    head = model.get_classifier()
-    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+    heads = model.get_classifier()  # DeiT distilled: (head, head_dist), both trained
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    head_ids = {id(p) for head in heads if isinstance(head, nn.Module) for p in head.parameters()}
+    if not head_ids:
         raise FinetuneError(f"--finetune {mode}: model '{name}' has no trainable classifier (num_classes=0?)")
-    head_ids = {id(p) for p in head.parameters()}
     tuned = _tuned_blocks(model, mode, name, options.blocks) if mode in BLOCK_MODES else []
     if mode == "lora":
         _add_lora(model, tuned, options)
     else:
-        _add_modules(model, mode, tuned, options)
+        _add_modules(model, mode, tuned, options, name)
     tuner_ids = _tuner_parameter_ids(model, mode)
     trainable = [p for p in model.parameters() if id(p) in head_ids or id(p) in tuner_ids]
     if not tuner_ids and mode != "classifier":
@@ -106,7 +112,13 @@ def _tuner_parameter_ids(model: nn.Module, mode: str) -> set[int]:
     return {id(p) for n, p in model.named_parameters() if any(key in n for key in _TUNER_KEYS)}
 
 
-def _add_modules(model: nn.Module, mode: str, tuned: list[tuple[int, Block]], options: FinetuneOptions) -> None:
+def _mlp_linears(block: Block) -> list[str]:
+    """The MLP's Linear layers by name: fc1, fc2 (timm's Mlp, GluMlp) or fc1_g, fc1_x, fc2 (SwiGLU: AIMv2)."""
+    return [n for n, m in block.mlp.named_children() if isinstance(m, nn.Linear)]
+
+
+def _add_modules(model: nn.Module, mode: str, tuned: list[tuple[int, Block]], options: FinetuneOptions,
+                 name: str) -> None:
     if not tuned:  # bias, ln, classifier: nothing to add
         return
     dim = model.embed_dim
@@ -116,21 +128,24 @@ def _add_modules(model: nn.Module, mode: str, tuned: list[tuple[int, Block]], op
             setattr(TunedBlock.from_block(block), mode, Bottleneck(dim, width, scaled=mode == "adaptformer"))
     elif mode == "ssf":
         for _, block in tuned:
-            for module, width in ((block.norm1, dim), (block.attn.qkv, 3 * dim), (block.attn.proj, dim),
-                                  (block.norm2, dim), (block.mlp.fc1, block.mlp.fc1.out_features),
-                                  (block.mlp.fc2, dim)):
-                add_scale_shift(module, width)
+            for module in (block.norm1, block.attn.qkv, block.attn.proj, block.norm2,
+                           *(getattr(block.mlp, n) for n in _mlp_linears(block))):
+                add_scale_shift(module, module.out_features if isinstance(module, nn.Linear) else dim)
     else:  # VPT: the prompts stay in the sequence to the end, counted as prefix tokens so pooling skips them
         length = options.prompt_length
         if length < 1:
             raise FinetuneError(f"--prompt-length must be >= 1, got {length}")
+        if getattr(model, "dynamic_img_size", False):  # timm would resample prompts as position embeddings
+            raise FinetuneError(f"--finetune {mode} does not fit model '{name}' built with dynamic_img_size=True "
+                                "(timm counts the prompts as prefix tokens when it resamples position "
+                                "embeddings); build it without dynamic_img_size")
         patch = model.patch_embed.patch_size[0]
         bound = prompt_init_bound(patch, dim)
         prompt_at = model.num_prefix_tokens
         for k, (_, block) in enumerate(tuned):
             if mode == "vpt-shallow" and k > 0:
                 break
-            prompts = nn.init.uniform_(model.cls_token.new_empty(length, dim), -bound, bound)
+            prompts = nn.init.uniform_(model.patch_embed.proj.weight.new_empty(length, dim), -bound, bound)
             TunedBlock.from_block(block).prompts = nn.Parameter(prompts)
             block.insert_prompts = k == 0
             block.prompt_at = prompt_at
@@ -141,8 +156,8 @@ def _add_lora(model: nn.Module, tuned: list[tuple[int, Block]], options: Finetun
     from peft import LoraConfig, inject_adapter_in_model
 
     rank = options.lora_rank or default_bottleneck(model.num_classes, len(model.blocks))
-    layers = r"attn\.qkv|mlp\.fc1|mlp\.fc2" if options.lora_mlp else r"attn\.qkv"
-    indices = "|".join(str(i) for i, _ in tuned)
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
-                        target_modules=rf"blocks\.({indices})\.({layers})")
+    targets = [f"blocks.{i}.attn.qkv" for i, _ in tuned]
+    if options.lora_mlp:
+        targets += [f"blocks.{i}.mlp.{n}" for i, block in tuned for n in _mlp_linears(block)]
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", target_modules=targets)
     inject_adapter_in_model(config, model)

@@ -9,6 +9,7 @@ and need no text tower.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 TEMPLATE = "a photo of a {}."
+_TIMM_CLIP = re.compile(r"^vit_(base|large|huge|giant|gigantic)_patch(\d+)(?:_plus)?_clip(?:_quickgelu)?_\d+"
+                        r"(?:\.(\w+))?$")
+_OPEN_CLIP = re.compile(r"^ViT-(B|L|H|g|bigG)-(\d+)(?:-|$)")
+_SIZES = {"base": "B", "large": "L", "huge": "H", "giant": "g", "gigantic": "bigG"}
 
 
 class CosineClassifier(nn.Module):
@@ -47,6 +52,21 @@ def set_cosine_classifier(model: nn.Module, scale: float, weights: Tensor | None
             head.weight.copy_(weights)
     model.set_submodule(name, head)
     return head
+
+
+def check_clip_pair(model: str, clip_model: str, clip_pretrained: str | None) -> None:
+    """Refuse a text tower that is not ``model``'s own CLIP (``vit_base_patch32_clip_224.openai`` needs ViT-B-32
+    with openai weights): its features would score another image tower's features, silently. Checked where
+    both names say it: a timm CLIP tower (fine-tuned tags aside) and an open_clip ``ViT-{size}-{patch}``."""
+    tower, text = _TIMM_CLIP.match(model), _OPEN_CLIP.match(clip_model)
+    if not tower or not text or "_ft_" in (tower.group(3) or ""):
+        return
+    size, patch, tag = _SIZES[tower.group(1)], tower.group(2), tower.group(3)
+    if (size, patch) != text.groups() or (tag is not None and (tag == "openai") != (clip_pretrained == "openai")):
+        weights = " --clip-pretrained openai" if tag == "openai" else " and its --clip-pretrained weights"
+        raise ValueError(f"--clip-model {clip_model} (--clip-pretrained {clip_pretrained}) is not the CLIP model of "
+                         f"--model {model}: its text features would score another image tower; pass --clip-model "
+                         f"ViT-{size}-{patch}{weights}")
 
 
 def read_class_names(path: str | Path, num_classes: int) -> list[str]:

@@ -96,6 +96,7 @@ def batch_policy(model: nn.Module) -> BatchPolicy:
     """The model's batch coupling now (training mode can change between steps, so the engine asks each step)."""
     policy = BatchPolicy()
     for name, module in model.named_modules():
+        name = name.replace("_orig_mod.", "")  # a compiled model's wrapper: name the layer as the user does
         if is_random(module):
             policy.random.append(f"{name} ({type(module).__name__})")
         if is_batch_coupled_random(module):

@@ -201,6 +201,10 @@ def train_one_epoch(ctx: StepContext, loader: DataLoader, epoch: int, state, sch
 
 
 @torch.no_grad()
+def _float_logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x).float()
+
+
 def evaluate(module: nn.Module, loader: DataLoader, meter: LongTailAccuracy, tta: bool,
              autocast: Callable[[], AbstractContextManager], device: torch.device) -> dict:
     """All / Many / Medium / Few over the evaluation set (each rank its share; the meter sums over ranks).
@@ -213,10 +217,11 @@ def evaluate(module: nn.Module, loader: DataLoader, meter: LongTailAccuracy, tta
     dtype = next(module.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
     for x, y in loader:
         x = x.to(device, dtype=dtype, non_blocking=True)
+        forward = crop_mean_logits if x.dim() == 5 else _float_logits  # --tte crops
         with autocast():
-            logits = crop_mean_logits(module, x) if x.dim() == 5 else module(x).float()  # --tte crops
-            if tta:
-                logits = (logits + module(torch.flip(x, dims=[3])).float()) / 2
+            logits = forward(module, x)
+            if tta:  # the mirror of every image (of every crop): the width is the last dimension
+                logits = (logits + forward(module, torch.flip(x, dims=[-1]))) / 2
         meter.update(logits, y)
     return meter.compute()
 
