@@ -176,3 +176,23 @@ def test_re_entrant_checkpointing_is_refused_saying_how_to_turn_it_off():
     finally:
         timm.layers.set_reentrant_ckpt(False)
     opt.step(closure_for(model, x, y), targets=y)  # the non-re-entrant default steps
+
+
+def test_densenet_dropout_between_batchnorms_makes_the_replays_forwards():
+    """timm's DenseNet layers call F.dropout (proj_drop_rate) before the next layer's BatchNorm: listed by their
+    rate, so an ImbSAM step without tail (the official w + 0 forward skipped) forwards again at w and, with the
+    same seed, draws exactly the official masks: recorded statistics would replay the first forward's."""
+    torch.manual_seed(0)
+    ours = timm.create_model("densenet121", growth_rate=4, block_config=(1, 1), bn_size=2, num_classes=10,
+                             proj_drop_rate=0.3)
+    assert batch_policy(ours).random == ["features.denseblock1.denselayer1 (DenseLayer)",
+                                         "features.denseblock2.denselayer1 (DenseLayer)"]
+    ref = copy.deepcopy(ours)
+    opt, ref_opt = make_optimizer("imbsam", ours), reference_opt(ref)
+    for step, (x, y) in enumerate(data("no tail", seed=6)[:2]):
+        torch.manual_seed(100 + step)
+        opt.step(closure_for(ours, x, y), targets=y)
+        torch.manual_seed(100 + step)
+        official_step("imbsam", ref, ref_opt, x, y)
+    assert opt.last_passes.forward == 2
+    assert_close(list(ours.state_dict().values()), list(ref.state_dict().values()), "state entry", atol=2e-6)

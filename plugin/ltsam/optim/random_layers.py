@@ -18,12 +18,15 @@ where every pass is a whole-batch forward in the official order (``sam``, ``foca
 draws are the official ones. Allow-listed: torch's Dropout family, timm's DropPath and PatchDropout, each with a
 positive rate in training mode. timm's DropBlock2d normalises its mask over the whole batch: it is
 batch-coupled (:mod:`ltsam.optim.batchnorm`). Random draws inside a forward (``F.dropout`` called directly)
-cannot be seen; they are per-sample in timm's models (e.g. a ResNet's ``drop_rate`` before its classifier).
+cannot be seen; they are per-sample in timm's models (e.g. a ResNet's ``drop_rate`` before its classifier). The
+one such draw between BatchNorm layers in timm, a DenseNet layer's ``F.dropout`` (``proj_drop_rate``), is listed by
+its rate: the replays must draw anew there.
 """
 
 from __future__ import annotations
 
 from timm.layers import DropBlock2d, DropPath, PatchDropout
+from timm.models.densenet import DenseLayer
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
@@ -38,6 +41,8 @@ def is_random(module: nn.Module) -> bool:
         return module.drop_prob > 0
     if isinstance(module, PatchDropout):
         return module.prob > 0
+    if isinstance(module, DenseLayer):  # F.dropout inside its forward, before the next layer's BatchNorm
+        return module.drop_rate > 0
     return False
 
 
