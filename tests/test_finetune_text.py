@@ -139,6 +139,18 @@ def test_weights_file_of_another_model_is_refused_by_name(tmp_path):
         create_backbone("resnet18", pretrained_path=str(path), num_classes=4)
 
 
+def test_timms_note_on_the_weights_is_shown(tmp_path, caplog):
+    """timm's pretrained configs carry notes such as OpenAI CLIP's under a GELU tower ("natively QuickGELU, use
+    quickgelu model variant for original results"): a user fine-tuning those weights sees it."""
+    path = tmp_path / "vit.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=10, **VIT).state_dict(), path)
+    note = "natively QuickGELU, use quickgelu model variant for original results"
+    with caplog.at_level("WARNING", logger="ltsam.finetune"):
+        create_backbone("vit_tiny_patch16_224", pretrained_path=str(path), num_classes=4,
+                        pretrained_cfg_overlay=dict(notes=(note,)), **VIT)
+    assert f"timm's note on the weights of vit_tiny_patch16_224: {note}" in caplog.text
+
+
 def test_train_finetunes_with_text_head_and_refuses_another_mode_on_resume(tmp_path, capsys):
     """Digits-LT on a tiny ViT from a weights file: AdaptFormer, cosine head from cached text features,
     Focal-SAM; the backbone stays the file's, and resuming with another --finetune is refused."""

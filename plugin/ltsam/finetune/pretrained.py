@@ -18,6 +18,7 @@ from pathlib import Path
 from timm.models import create_model
 from torch import nn
 
+_logger = logging.getLogger("ltsam.finetune")
 _MISSING = re.compile(r"Missing keys \((.*)\) discovered while loading pretrained weights")
 
 
@@ -61,7 +62,11 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_path: str | 
     if not pretrained:
         return create_model(name, **kwargs)
     source = f"--pretrained-path '{pretrained_path}'" if pretrained_path else "the pretrained weights"
-    return checked_load(create_model, name, source, name, pretrained=True, **kwargs)
+    model = checked_load(create_model, name, source, name, pretrained=True, **kwargs)
+    notes = model.pretrained_cfg.get("notes") or ()
+    if notes:  # e.g. OpenAI's CLIP weights under a GELU tower: "natively QuickGELU, use quickgelu model variant"
+        _logger.warning("ltsam: timm's note on the weights of %s: %s", name, "; ".join(notes))
+    return model
 
 
 def checked_load(create: Callable[..., nn.Module], name: str, source: str, *args, **kwargs) -> nn.Module:
