@@ -125,7 +125,7 @@ def test_whole_batch_passes_draw_the_official_masks_with_the_same_seed(method, c
                                                 ("ssesam stage 2", "no tail")])
 def test_batchnorm_with_dropout_replays_by_forwarding_at_w(method, composition):
     """The official repeated forward at w draws new masks, so recorded statistics would replay the first
-    forward's: the engine forwards again at w without gradient, making as many draws as the official 4 forwards;
+    forward's: the engine runs each group's own forward at w, making as many draws as the official 4 forwards;
     with keyed masks the buffers are the official ones."""
     torch.manual_seed(0)
     ours = KeyedMasks(dropout_bn_net())
@@ -136,10 +136,34 @@ def test_batchnorm_with_dropout_replays_by_forwarding_at_w(method, composition):
         x = tag(x)
         ours.start_step()
         ref.start_step()
-        assert "forward again at w without gradient" in str(opt.plan(y))
+        assert "group 1: at w, micro-batch 0: forward 16 samples" in str(opt.plan(y))
         opt.step(closure_for(ours, x, y), targets=y)
         assert opt.last_passes.forward == 4
         official_step(method, ref, ref_opt, x, y)
+    assert_close(list(ours.state_dict().values()), list(ref.state_dict().values()), "state entry", atol=2e-6)
+
+
+@pytest.mark.parametrize("method,composition", [("ssesam stage 1", "one tail"), ("ssesam stage 2", "one tail"),
+                                                ("ssesam stage 1", "one sample per micro-batch")])
+def test_batchnorm_with_dropout_takes_each_groups_gradients_from_its_own_forward(method, composition):
+    """With BatchNorm, a sample's gradient depends on the other samples' masks: the official code takes each
+    group's gradients at w from that group's own forward (fresh masks), so the engine does too, in the official
+    order. With the same seed, torch's real draws are then the official ones (from one forward at w, SSE-SAM's
+    tail direction would share the head's masks and differ)."""
+    torch.manual_seed(0)
+    ours = dropout_bn_net()
+    ref = copy.deepcopy(ours)
+    opt, ref_opt = make_optimizer(method, ours), reference_opt(ref)
+    chunks = MICRO_BATCHES.get(composition, 1)
+    for step, (x, y) in enumerate(data(composition, seed=10)[:2]):
+        torch.manual_seed(100 + step)
+        opt.step(closure_for(ours, x, y), targets=y, micro_batches=chunks)
+        torch.manual_seed(100 + step)
+        if chunks > 1:
+            scheme_step(ref, ref_opt, x, y, scheme(method, y), DELTA.get(method, 1e-16), chunks=chunks)
+        else:
+            official_step(method, ref, ref_opt, x, y)
+        assert opt.last_passes.forward == 4 * chunks
     assert_close(list(ours.state_dict().values()), list(ref.state_dict().values()), "state entry", atol=2e-6)
 
 

@@ -47,8 +47,10 @@ every perturbed forward, ``num_batches_tracked`` still counting it.
 
 **Random layers** (dropout, stochastic depth: :mod:`ltsam.optim.random_layers`). Each sample is forwarded
 once per point with gradient, as in the official codes, so the step has the official step's distribution;
-with BatchNorm the replays become forwards at w (fresh masks, as the official repeated forward), and a
-compiled model that would need two forwards of one sample at w is refused.
+with BatchNorm (where a sample's gradient depends on the other samples' masks) the plan is the official
+forward schedule: each group's gradients at w come from its own forward at w, and the replays become forwards
+at w (fresh masks, as the official repeated forward); a compiled model that would need two forwards of one
+sample at w is refused.
 
 **fp16.** With an enabled ``GradScaler`` every backward is scaled by the scaler's scale (a device tensor);
 a step whose gradient is not finite is skipped by ``scaler.step`` and counted in ``skipped_steps``, and the
@@ -170,6 +172,10 @@ class PassPlan:
     # micro-batch's samples), the official forward minus its backward
     replay_forwards: list[Pass] = field(default_factory=list)
     syncs: list[str] = field(default_factory=list)  # the all-reduces, in order (empty without DDP)
+    # with BatchNorm and random layers, the official code's own forwards at w of each group (its gradients at w,
+    # then for a group not perturbed its forward at w + 0), run before the group's perturbation: each group's
+    # gradients then come from its own masks, as in the official code, not from the first forward's
+    group_forwards: list[list[Pass]] = field(default_factory=list)
 
     def counts(self) -> PassCount:
         """The passes this plan runs, per micro-batch."""
@@ -178,11 +184,14 @@ class PassPlan:
             count.add(p.chunk, forward=1, backward=len(p.vjps))
         for p in self.replay_forwards * sum(replays for replays, _ in self.groups):
             count.add(p.chunk, forward=1)
+        for p in [p for forwards in self.group_forwards for p in forwards]:
+            count.add(p.chunk, forward=1, backward=len(p.vjps))
         return count
 
     def __str__(self) -> str:
         def line(p: Pass) -> str:
-            return f"micro-batch {p.chunk}: forward {p.size} samples, VJP {', '.join(s for s, _ in p.vjps)}"
+            vjps = f"VJP {', '.join(s for s, _ in p.vjps)}" if p.vjps else "without gradient"
+            return f"micro-batch {p.chunk}: forward {p.size} samples, {vjps}"
 
         lines = ["at w (recording BN statistics):" if self.record else "at w:"]
         how = "forward again at w without gradient" if self.replay_forwards else \
@@ -191,6 +200,7 @@ class PassPlan:
         for k, (replays, g) in enumerate(self.groups):
             if replays:
                 lines.append(f"group {k}: {how} x{replays}")
+            lines += [f"group {k}: at w, {line(p)}" for p in (self.group_forwards[k] if self.group_forwards else [])]
             if g is not None:
                 lines.append(f"group {k}: perturb along {g.direction} (radius {g.radius!r})")
                 lines += ["  " + line(p) for p in g.passes]
@@ -613,9 +623,14 @@ class SAMFamily(OptimizerProtocol):
         active = [any(r > 0 for r in rs) and support.present(k) for k, rs in enumerate(radii)]
 
         # at w: one gradient per perturbation direction, one for every un-perturbed term together
-        flat_terms = [(k + len(groups), g.unperturbed) for k, g in enumerate(groups) if g.unperturbed is not None]
-        flat_terms += [(k, g.perturbed) for k, g in enumerate(groups) if not active[k]]
-        at_w = [(f"direction {k}", groups[k].perturbed, 1 << k) for k in range(len(groups)) if active[k]]
+        # BatchNorm couples each sample's gradient to the other samples' masks: with random layers, every group
+        # takes its gradients at w from its own forward, as the official code (the plain plan shares the first)
+        per_group = replay and bool(random_layers) and not one_vjp_per_forward
+        first_groups = range(1 if per_group else len(groups))
+        flat_terms = [(k + len(groups), groups[k].unperturbed) for k in first_groups
+                      if groups[k].unperturbed is not None]
+        flat_terms += [(k, groups[k].perturbed) for k in first_groups if not active[k] and not per_group]
+        at_w = [(f"direction {k}", groups[k].perturbed, 1 << k) for k in first_groups if active[k]]
         if flat_terms:
             bits = reduce(lambda m, t: m | (1 << t[0]), flat_terms, 0)
             if support.count(bits) > 0:
@@ -663,12 +678,32 @@ class SAMFamily(OptimizerProtocol):
         syncs = []
         if is_distributed():
             syncs = ([", ".join(p.direction for _, p in plan_groups if p)] if any(active) else []) + ["G"]
+        if per_group:
+            if is_distributed():  # each direction is known only after its group's forward at w
+                syncs = [p.direction for _, p in plan_groups if p] + ["G"]
+            return PassPlan(micro_batches, passes, [(0, g) for _, g in plan_groups], record=False, syncs=syncs,
+                            group_forwards=self._group_forwards(groups, active, support, len(chunks)))
         replays = any(r for r, _ in plan_groups)
         # recorded statistics replay the masks of the forward at w; the official repeated forward draws anew
         if replays and (one_vjp_per_forward or random_layers):
             return PassPlan(micro_batches, passes, plan_groups, record=False, syncs=syncs,
                             replay_forwards=[Pass(p.chunk, p.index, p.size, []) for p in passes])
         return PassPlan(micro_batches, passes, plan_groups, record=replays, syncs=syncs)
+
+    @staticmethod
+    def _group_forwards(groups: list[Group], active: list[bool], support: _Support, chunks: int) -> list[list[Pass]]:
+        """The official forwards at w of each group that the first forward does not serve (whole (micro-)batch):
+        group k > 0's own forward at w (its direction and un-perturbed gradient), and for a group not perturbed
+        its forward at w + 0 (its perturbed weights' gradient; without gradient where they touch no sample)."""
+        out = []
+        for k, group in enumerate(groups):
+            own = [(f"direction {k}", group.perturbed)] if active[k] else []
+            if group.unperturbed is not None and support.present(k + len(groups)):
+                own.append(("G", group.unperturbed))
+            at_zero = None if active[k] else [("G", group.perturbed)] if support.present(k) else []
+            points = ([own] if k > 0 else []) + ([at_zero] if at_zero is not None else [])
+            out.append([Pass(c, *support.samples(EVERY_SAMPLE, c), vjps) for vjps in points for c in range(chunks)])
+        return out
 
     def _radii(self, rho: str | float) -> list[float]:
         """The radius of each param group (a field of the groups, or a fixed number)."""
@@ -693,23 +728,31 @@ class SAMFamily(OptimizerProtocol):
         loss_sum, seen = torch.zeros((), device=params[0].device), 0
         with recorder if plan.record else contextlib.nullcontext():
             for p in plan.at_w:
-                losses = first if first is not None else self._forward(closure, p.index, p.size, p.chunk)
+                losses = first if first is not None else self._forward(closure, p.index, p.size, p.chunk,
+                                                                       grad=bool(p.vjps))
                 first = None
                 self._vjps(losses, p, params, scale, acc, received)
                 loss_sum, seen = loss_sum + losses.detach().to(accumulation_dtype(losses.dtype)).sum(), seen + p.size
         # a direction whose samples all sit on other ranks (split passes) is 0 here before the all-reduce
-        directions = [acc.pop(g.direction, None) or _zeros(params) for _, g in plan.groups if g is not None]
+        directions = [] if plan.group_forwards else \
+            [acc.pop(g.direction, None) or _zeros(params) for _, g in plan.groups if g is not None]
         self._sync(*directions)
-        backup = [p.detach().clone() for p in params] if directions else []
+        backup = [p.detach().clone() for p in params] if any(g is not None for _, g in plan.groups) else []
         frozen = policy.replayable if self.bn_mode == "freeze" else []
-        for replays, group in plan.groups:
+        for k, (replays, group) in enumerate(plan.groups):
             if plan.replay_forwards:
                 for p in plan.replay_forwards * replays:
                     self._forward(closure, p.index, p.size, p.chunk, grad=False)
             else:
                 recorder.replay(replays)
+            for p in plan.group_forwards[k] if plan.group_forwards else []:
+                losses = self._forward(closure, p.index, p.size, p.chunk, grad=bool(p.vjps))
+                self._vjps(losses, p, params, scale, acc, received)
             if group is None:
                 continue
+            if plan.group_forwards:  # this group's direction, from its own forward at w
+                directions = [acc.pop(group.direction, None) or _zeros(params)]
+                self._sync(*directions)
             self._perturb(params, directions.pop(0), group.radius)
             with FrozenMomentum(frozen), torch.enable_grad():
                 for p in group.passes:

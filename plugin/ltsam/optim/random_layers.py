@@ -10,8 +10,10 @@ draw for draw; what it keeps is the structure that makes the step *equal in dist
   official codes (Focal-SAM's two gradients at w share the forward's masks): the plan never forwards a sample
   twice at a point with gradient. A compiled model, which gives one gradient per forward, is refused where it
   would need that (a Focal-SAM step: both of its weightings touch every sample);
-* BatchNorm statistics the engine would replay were, in the official run, those of a repeated forward with
-  fresh masks: with random layers active the engine forwards again at w without gradient instead.
+* with BatchNorm a sample's gradient also depends on the other samples' masks, and the statistics the engine
+  would replay were, in the official run, those of a repeated forward with fresh masks: with random layers
+  active the engine runs the official forwards instead (each group's gradients at w from its own forward at
+  w, the skipped forwards as forwards at w without gradient), so even torch's real draws are the official ones.
 
 With the same masks per sample and point the step is then the official one (``tests/test_optim_dropout.py``);
 where every pass is a whole-batch forward in the official order (``sam``, ``focalsam``) even torch's random
