@@ -37,7 +37,10 @@ def test_wrapped_create_model_freezes_the_backbone():
                    num_classes=4)
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
         "blocks.0.prompts", "blocks.1.prompts", "head.bias", "head.weight"]
-    optimizer = timm.optim.create_optimizer_v2(model, opt="ssesam", lr=0.1, class_counts=[4, 3, 2, 1])
+    # with weight decay, every supported timm builds the groups from trainable parameters only (timm < 1.0.31
+    # hands a model's every parameter to the optimizer without it; frozen ones then get no gradient, no state)
+    optimizer = timm.optim.create_optimizer_v2(model, opt="ssesam", lr=0.1, weight_decay=5e-4,
+                                               class_counts=[4, 3, 2, 1])
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 4
 
 

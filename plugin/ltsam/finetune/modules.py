@@ -8,6 +8,7 @@ fine-tuning run starts from the backbone's own predictions (``reference/foundati
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -88,13 +89,15 @@ class TunedBlock(Block):
             block.register_module("adapter", None)
         return block
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, **attention_options: Any) -> Tensor:
+        """``attention_options``: what the installed timm's ViT passes its blocks for the attention (none in
+        timm 1.0.13, ``attn_mask`` in 1.0.22, also ``is_causal`` in 1.0.31), passed on as given."""
         if self.prompts is not None:
             length = self.prompts.shape[0]
             prompts = self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)
             kept = x[:, self.prompt_at:] if self.insert_prompts else x[:, self.prompt_at + length:]
             x = torch.cat([x[:, :self.prompt_at], prompts, kept], dim=1)
-        h = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        h = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **attention_options)))
         y = self.mlp(self.norm2(h))
         if self.adapter is not None:
             y = y + self.adapter(y)

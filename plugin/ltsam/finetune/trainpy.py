@@ -64,7 +64,10 @@ def wrap_create_model(original: Callable[..., Any], mode: str, options: Finetune
     def create_model(*args: Any, **kwargs: Any) -> Any:
         name = str(kwargs.get("model_name", args[0] if args else "the model"))
         if kwargs.get("pretrained"):
-            file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+            overlay = kwargs.get("pretrained_cfg_overlay") or {}
+            file = overlay.get("file")
+            if file and not str(file).endswith(".npz"):  # timm < 1.0.31 kept a ViT tag's JAX loader for any file
+                kwargs["pretrained_cfg_overlay"] = {**overlay, "custom_load": False}
             source = f"--pretrained-path '{file}'" if file else "the pretrained weights"
             model = checked_load(original, name, source, *args, **kwargs)
         else:
