@@ -71,6 +71,10 @@ class BatchPolicy:
     def coupled(self) -> bool:
         return bool(self.replayable or self.coupled_other)
 
+    def coupled_buffers(self) -> list[Tensor]:
+        """The buffers of the batch-coupled layers: what a forward at w + NaN would poison."""
+        return [b for m in self.replayable + self.coupled_other for b in m.buffers(recurse=False)]
+
     def summary(self) -> str:
         random = ""
         if self.random:
@@ -244,10 +248,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Losses, weights, norms and batch statistics in at least float32 (fp16/bf16 under autocast); a float64
     model keeps float64."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def buffers_of(layers: list[nn.Module]) -> list[Tensor]:
-    return [b for m in layers for b in m.buffers(recurse=False)]
 
 
 def is_distributed() -> bool:

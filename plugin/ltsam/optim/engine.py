@@ -95,7 +95,6 @@ from ltsam.optim.batchnorm import (
     StatsRecorder,
     accumulation_dtype,
     batch_policy,
-    buffers_of,
     is_distributed,
 )
 from ltsam.optim.protocol import OptimizerProtocol, SharedState, accumulation_refused, takes_index
@@ -477,7 +476,7 @@ class SAMFamily(OptimizerProtocol):
         scale = None  # the loss scale stays a device tensor: no host sync
         if scaler is not None and scaler.is_enabled():  # scale() also initialises a fresh scaler
             scale = scaler.scale(torch.ones((), device=params[0].device))
-        protected = buffers_of(policy.replayable + policy.coupled_other) if scale is not None else []
+        protected = policy.coupled_buffers() if scale is not None else []
         before = [b.clone() for b in protected]
         recorder = StatsRecorder(policy.replayable if coupled and self.bn_mode == "reference" else [])
         self.last_passes = PassCount.zero(micro_batches)
@@ -528,8 +527,7 @@ class SAMFamily(OptimizerProtocol):
         finally:
             self._restore()
         self.last_passes.add(0, forward=1, backward=1)
-        total = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        return _received_only(params, total, [p.grad is not None for p in params], loss.detach())
+        return _in_p_grad(params, loss.detach())
 
     # -- davda54's two-pass form (sam / ASAM) ------------------------------------------------------------
     @torch.no_grad()
@@ -542,8 +540,7 @@ class SAMFamily(OptimizerProtocol):
             raise RuntimeError(f"{type(self).__name__}.first_step() {self._shared.two_pass_refused}")
         self._first_step("first_step()", zero_grad)
         if self._model is not None:  # for second_step(scaler=...): the buffers the perturbed forward will change
-            policy = batch_policy(self._model)
-            coupled = buffers_of(policy.replayable + policy.coupled_other)
+            coupled = batch_policy(self._model).coupled_buffers()
             self._shared.buffers_at_w = list(zip(coupled, [b.clone() for b in coupled]))
 
     def _first_step(self, what: str, zero_grad: bool) -> None:
@@ -573,10 +570,8 @@ class SAMFamily(OptimizerProtocol):
         BatchNorm buffers that the forward at w + eps changed (for an attached model)."""
         saved, self._shared.buffers_at_w = self._shared.buffers_at_w, []
         self._restore()
-        params = [p for p in self._model_params if p.requires_grad]
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         params, grads, _ = self._finite_or_restored(
-            _received_only(params, grads, [p.grad is not None for p in params], self.last_loss), scaler,
+            _in_p_grad([p for p in self._model_params if p.requires_grad], self.last_loss), scaler,
             [b for b, _ in saved], [c for _, c in saved])
         self.apply_gradient(params, grads, self.last_loss, scaler)
         if zero_grad:
@@ -983,6 +978,13 @@ def _received_only(params: list[Tensor], grads: list[Tensor], received: list[boo
     if is_distributed() or all(received):
         return params, grads, loss
     return [p for p, r in zip(params, received) if r], [g for g, r in zip(grads, received) if r], loss
+
+
+def _in_p_grad(params: list[Tensor], loss: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """(params, G, loss) from the gradients a user's backward left in ``p.grad`` (the classic closure, the
+    two-pass form), for the parameters that got one (:func:`_received_only`)."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    return _received_only(params, grads, [p.grad is not None for p in params], loss)
 
 
 def _own(grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor]:

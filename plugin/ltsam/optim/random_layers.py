@@ -32,20 +32,16 @@ from timm.models.densenet import DenseLayer
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
+# each per-sample random layer and the attribute holding its rate
+_RATES: tuple[tuple[type[nn.Module], str], ...] = (
+    (_DropoutNd, "p"), (DropPath, "drop_prob"), (PatchDropout, "prob"),
+    (DenseLayer, "drop_rate"),  # F.dropout inside its forward, before the next layer's BatchNorm
+)
+
 
 def is_random(module: nn.Module) -> bool:
     """True for an allow-listed per-sample random layer that draws in this forward (training, positive rate)."""
-    if not module.training:
-        return False
-    if isinstance(module, _DropoutNd):
-        return module.p > 0
-    if isinstance(module, DropPath):
-        return module.drop_prob > 0
-    if isinstance(module, PatchDropout):
-        return module.prob > 0
-    if isinstance(module, DenseLayer):  # F.dropout inside its forward, before the next layer's BatchNorm
-        return module.drop_rate > 0
-    return False
+    return module.training and any(isinstance(module, kind) and getattr(module, rate) > 0 for kind, rate in _RATES)
 
 
 def is_batch_coupled_random(module: nn.Module) -> bool:
