@@ -9,6 +9,7 @@ which every subset and every full-batch forward carries along.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import torch
@@ -90,3 +91,9 @@ class KeyedMasks(nn.Module):
         if torch.is_grad_enabled():
             self.forwards.update((i, self.point) for i in self.ids.tolist())
         return self.model(x)
+
+
+def keyed_pair(model: nn.Module) -> tuple[KeyedMasks, KeyedMasks]:
+    """``model`` and an identical copy, each wrapped with its own instrument (so each counts its own forwards)."""
+    twin = copy.deepcopy(model)
+    return KeyedMasks(model), KeyedMasks(twin)

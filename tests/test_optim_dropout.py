@@ -16,7 +16,7 @@ import copy
 import pytest
 import timm
 import torch
-from keyed_dropout import KeyedMasks, tag
+from keyed_dropout import keyed_pair, tag
 from test_optim_engine import reference_opt, scheme_step
 from test_optim_property import (
     DELTA,
@@ -73,9 +73,7 @@ COMPOSITIONS = ["one sample, tail", "one tail", "one head", "no tail", "one tail
 @pytest.mark.parametrize("method", METHODS)
 def test_step_with_dropout_equals_the_official_step_drawing_the_same_masks(method, composition):
     torch.manual_seed(0)
-    ours = KeyedMasks(dropout_vit())
-    ref = copy.deepcopy(ours)
-    ref.__init__(ref.model)  # the copy's keyed layers report to the copy
+    ours, ref = keyed_pair(dropout_vit())
     opt, ref_opt = make_optimizer(method, ours), reference_opt(ref)
     for step, (x, y) in enumerate(data(composition, seed=len(composition))):
         x = tag(x)
@@ -128,9 +126,7 @@ def test_batchnorm_with_dropout_replays_by_forwarding_at_w(method, composition):
     forward's: the engine runs each group's own forward at w, making as many draws as the official 4 forwards;
     with keyed masks the buffers are the official ones."""
     torch.manual_seed(0)
-    ours = KeyedMasks(dropout_bn_net())
-    ref = copy.deepcopy(ours)
-    ref.__init__(ref.model)
+    ours, ref = keyed_pair(dropout_bn_net())
     opt, ref_opt = make_optimizer(method, ours), reference_opt(ref)
     for x, y in data(composition, seed=9)[:3]:
         x = tag(x)
