@@ -1,6 +1,7 @@
 """Two gloo processes with half batches each give the same update as one process with the whole batch (also
 with micro-batches, also when one rank has no tail sample, also on a ViT whose only tail sample a rank forwards
-alone), and SyncBatchNorm's replay uses the statistics of both."""
+alone, also with dropout drawn per sample on a ViT and on a conv-BN net, whose plan takes each group's
+gradients at w from its own forward), and SyncBatchNorm's replay uses the statistics of both."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def test_two_processes_equal_one(tmp_path):
                                                                       tail_in_first_half=True)))
     runs += [(f"{name} ViT, one tail sample alone on rank 1", train(name, kwargs, one_tail_vit=True))
              for name, kwargs in METHODS.items()]
+    # with BatchNorm each rank normalises its half: one process with the same halves as micro-batches
+    runs += [(f"{name} {dropout} with dropout", train(name, METHODS[name], dropout=dropout,
+                                                      micro_batches=2 if dropout == "bn" else 1))
+             for name in ("ssesam", "focalsam") for dropout in ("vit", "bn")]
     for name, single in runs:
         for a, b in zip(single.parameters(), distributed[name]):
             assert torch.allclose(a.detach(), b, atol=1e-6), f"{name}: {(a - b).abs().max()}"
